@@ -1,0 +1,83 @@
+"""The `dit-hf` command.
+
+dit-hf sample PIPELINE_DIR --labels 0 1 2 3 --guidance_scale 4 --steps 50 --out grid.png
+dit-hf sample PIPELINE_DIR --labels "golden retriever" tabby --scheduler dpm --steps 20
+dit-hf convert from-original DiT-XL-2-256x256.pt out/dit-xl-2    (see `dit-hf convert --help`)
+"""
+
+import argparse
+import math
+import os
+import sys
+
+SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
+def add_sample_parser(subparsers):
+    p = subparsers.add_parser("sample", help="Sample a grid of images from a saved DiTPipeline.")
+    p.add_argument("pipeline", help="Folder written by DiTPipeline.save_pretrained (or a Hub repo id).")
+    p.add_argument("--labels", nargs="+", default=None, help="Class ids or names, one image each.")
+    p.add_argument("--num_images", type=int, default=None, help="Images for an unconditional model.")
+    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=50, help="Number of denoising steps.")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the saved scheduler.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cols", type=int, default=None, help="Grid columns (default: about square).")
+    p.add_argument("--scale", type=int, default=1, help="Upscale the grid by this integer factor (nearest).")
+    p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    p.add_argument("--out", default="samples.png", help="Where to write the PNG grid.")
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args) -> str:
+    import diffusers
+    import torch
+
+    from .pipeline_dit import DiTPipeline, image_grid
+
+    if args.scale < 1:
+        raise ValueError(f"--scale must be a positive integer, got {args.scale}.")
+    pipe = DiTPipeline.from_pretrained(args.pipeline)
+    if args.scheduler is not None:
+        scheduler_cls = getattr(diffusers, SCHEDULERS[args.scheduler])
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    labels = None
+    if args.labels is not None:
+        labels = [int(x) if x.lstrip("-").isdigit() else x for x in args.labels]
+    images = pipe(
+        class_labels=labels,
+        num_images=args.num_images,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+    ).images
+    grid = image_grid(images, args.cols or math.ceil(math.sqrt(len(images))))
+    if args.scale > 1:
+        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), resample=0)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    grid.save(args.out)
+    print(f"wrote {len(images)} samples to {args.out}")
+    return args.out
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "convert":
+        from .convert import main as convert_main
+
+        return convert_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="dit-hf", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_sample_parser(subparsers)
+    subparsers.add_parser("convert", help="Convert checkpoints (see `dit-hf convert --help`).")
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"dit-hf {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
