@@ -40,7 +40,9 @@ def run_sample(args) -> str:
     pipe = DiTPipeline.from_pretrained(args.pipeline)
     if args.scheduler is not None:
         scheduler_cls = getattr(diffusers, SCHEDULERS[args.scheduler])
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        # Only DDPM uses the learned variance; DPM-Solver with a learned variance_type would keep 3 channels only.
+        overrides = {} if args.scheduler == "ddpm" else {"variance_type": None}
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     labels = None
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None):
     if argv and argv[0] == "convert":
         from .convert import main as convert_main
 
-        return convert_main(argv[1:])
+        return convert_main(argv[1:], prog="dit-hf convert")
     parser = argparse.ArgumentParser(prog="dit-hf", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
