@@ -206,3 +206,14 @@ def test_bad_inputs_raise():
         model(torch.randn(1, 4, 8, 8), 1, torch.tensor([1]))
     with pytest.raises(ValueError, match="divisible by the patch size"):
         model(torch.randn(1, 3, 9, 8), 1, torch.tensor([1]))
+
+
+def test_force_drop_ids_replaces_exactly_those_labels():
+    model = perturbed(DiTModel(**{**TINY, "class_dropout_prob": 0.5}))
+    x, t, y = inputs()
+    drop = torch.tensor([True, False, True])
+    expected = model(x, t, torch.where(drop, 10, y)).sample
+    model.train()  # forced drops replace the random ones
+    torch.testing.assert_close(model(x, t, y, force_drop_ids=drop).sample, expected)
+    with pytest.raises(ValueError, match="class_dropout_prob"):
+        perturbed(DiTModel(**{**TINY, "class_dropout_prob": 0.0}))(x, t, y, force_drop_ids=drop)

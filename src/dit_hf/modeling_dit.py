@@ -130,11 +130,15 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is not None or (train and self.dropout_prob > 0):
+            if self.dropout_prob == 0:
+                raise ValueError("`force_drop_ids` needs a null class: build the model with `class_dropout_prob` > 0.")
             # Label dropout teaches the unconditional model used by classifier-free guidance.
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            drop = force_drop_ids
+            if drop is None:
+                drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop.to(labels.device, torch.bool), self.num_classes, labels)
         return self.embedding_table(labels)
 
 
@@ -218,6 +222,7 @@ class DiTModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
+    _repeated_blocks = ["DiTBlock"]  # `compile_repeated_blocks()` compiles one block graph and reuses it
     _skip_layerwise_casting_patterns = ["x_embedder", "norm"]
 
     @register_to_config
@@ -318,7 +323,9 @@ class DiTModel(ModelMixin, ConfigMixin):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
 
-    def embed_condition(self, timestep: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def embed_condition(
+        self, timestep: torch.Tensor, class_labels: torch.Tensor | None, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Conditioning vector c = t_emb + y_emb, computed once per forward and shared by every block."""
         c = self.t_embedder(timestep)  # (N, D)
         if self.y_embedder is not None:
@@ -327,7 +334,7 @@ class DiTModel(ModelMixin, ConfigMixin):
                     f"This model is class-conditional (num_classes={self.config.num_classes}): pass `class_labels`, "
                     f"using {self.config.num_classes} for the null (unconditional) class."
                 )
-            c = c + self.y_embedder(class_labels, train=self.training)
+            c = c + self.y_embedder(class_labels, train=self.training, force_drop_ids=force_drop_ids)
         elif class_labels is not None:
             raise ValueError("This model is unconditional (num_classes=0): pass `class_labels=None`.")
         return c
@@ -338,6 +345,7 @@ class DiTModel(ModelMixin, ConfigMixin):
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> DiTModelOutput | tuple[torch.Tensor]:
         """
         Args:
@@ -345,6 +353,9 @@ class DiTModel(ModelMixin, ConfigMixin):
             timestep (`torch.Tensor` of shape `(N,)`, a scalar tensor or a number): Diffusion timesteps.
             class_labels (`torch.LongTensor` of shape `(N,)`, *optional*): Class ids; `num_classes` is the null class.
             return_dict (`bool`, defaults to `True`): Return a [`DiTModelOutput`] instead of a tuple.
+            force_drop_ids (`torch.BoolTensor` of shape `(N,)`, *optional*): Replace exactly these labels by the null
+                class, instead of the random label dropout of training mode (lets a trainer draw the dropout from
+                its own generator).
         """
         n, _, height, width = hidden_states.shape
         p = self.config.patch_size
@@ -365,7 +376,7 @@ class DiTModel(ModelMixin, ConfigMixin):
 
         pos = self.position_embedding(grid_h, grid_w).to(hidden_states.dtype)
         x = self.x_embedder(hidden_states) + pos  # (N, T, D), where T = H * W / patch_size ** 2
-        c = self.embed_condition(timestep, class_labels).to(x.dtype)  # (N, D)
+        c = self.embed_condition(timestep, class_labels, force_drop_ids).to(x.dtype)  # (N, D)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c)

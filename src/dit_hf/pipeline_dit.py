@@ -100,6 +100,21 @@ class DiTPipeline(DiffusionPipeline):
             "learned_range",
         )
 
+    def _check_scheduler(self, latent_channels: int):
+        """Reject a scheduler that would drop noise channels: the pipeline already removes the variance channels."""
+        name = type(self.scheduler).__name__
+        variance_type = self.scheduler.config.get("variance_type")
+        # DPM-Solver with a learned variance_type keeps `model_output[:, :3]`, which assumes 3 latent channels.
+        # (DDIM and others only carry the key over from a DDPM config and ignore it.)
+        takes_variance = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
+        learned = variance_type in ("learned", "learned_range") and not self._uses_learned_variance()
+        if takes_variance and learned and latent_channels != 3:
+            raise ValueError(
+                f"{name} with variance_type={variance_type!r} keeps only 3 channels of the model output, but the "
+                f"model has {latent_channels}: build it with `{name}.from_config(pipe.scheduler.config, "
+                "variance_type=None)`."
+            )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -162,6 +177,7 @@ class DiTPipeline(DiffusionPipeline):
         latent_channels = shape[1]
         if guidance_channels is not None and not 0 < guidance_channels <= latent_channels:
             raise ValueError(f"`guidance_channels` must be in 1..{latent_channels} or None, got {guidance_channels}.")
+        self._check_scheduler(latent_channels)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image.")
         if latents is None:
@@ -218,8 +234,14 @@ class DiTPipeline(DiffusionPipeline):
                 guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
                 eps = torch.cat([guided, cond[:, k:]], dim=1)
                 rest = rest.chunk(2)[0]
-            if learned_variance and rest.shape[1] == latent_channels:
+            if learned_variance:
                 # DDPM with a learned variance takes [eps, v]; other schedulers take eps alone.
+                if rest.shape[1] != latent_channels:
+                    raise ValueError(
+                        f"The scheduler's variance_type={self.scheduler.config.variance_type!r} needs a model that "
+                        "predicts the variance (`learn_sigma=True`); for this model build the scheduler with "
+                        "`variance_type='fixed_small'`."
+                    )
                 model_output = torch.cat([eps, rest], dim=1)
             else:
                 model_output = eps

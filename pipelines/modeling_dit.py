@@ -1,0 +1,390 @@
+# Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
+"""DiT (Peebles & Xie, 2023, "Scalable Diffusion Models with Transformers") as a diffusers model.
+
+This file is self-contained on purpose: it imports only torch and diffusers, so it can travel inside a saved
+pipeline folder and be loaded with ``trust_remote_code=True`` by a Python that does not have dit_hf installed.
+Parameter names follow the original ``models.py`` (``x_embedder``, ``t_embedder``, ``y_embedder``, ``blocks.N``,
+``final_layer``) so the released checkpoints map onto this module one to one.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+# The paper's model sizes (Table 1). Each combines with a patch size of 2, 4 or 8: "DiT-XL/2", "DiT-S/8", ...
+DIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+DIT_PRESETS = {
+    f"DiT-{size}/{patch}": dict(patch_size=patch, **dims) for size, dims in DIT_SIZES.items() for patch in (2, 4, 8)
+}
+
+
+@dataclass
+class DiTModelOutput(BaseOutput):
+    """
+    Output of [`DiTModel`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`):
+            The prediction: ε (first `in_channels` channels) followed, when `learn_sigma`, by the variance
+            interpolation values.
+    """
+
+    sample: torch.Tensor
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    if len(size) != 2:
+        raise ValueError(f"`sample_size` must be an int or a (height, width) pair, got {size!r}.")
+    return (int(size[0]), int(size[1]))
+
+
+def sincos_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """Transformer sin-cos embedding of positions `pos` (M,) -> (M, embed_dim), float64 for exactness."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]  # (M, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D position embedding for a row-major (grid_h, grid_w) token grid -> (grid_h * grid_w, embed_dim).
+
+    As in MAE and DiT, the first half of the channels encodes the column and the second half the row.
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"`hidden_size` must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}.")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    return torch.cat([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) image -> (N, T, D) tokens with a strided convolution, T = H * W / patch_size ** 2."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a (possibly fractional) timestep followed by a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: int = 0, max_period: float = 10000.0):
+        """Cosines then sines of t * f_i with f_i = max_period ** (-i / (dim / 2 - freq_shift)).
+
+        freq_shift=0 is the original DiT; diffusers' DiT uses freq_shift=1 (its `downscale_freq_shift`).
+        """
+        half = dim // 2
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        exponent = exponent / (half - freq_shift)
+        args = t[:, None].float() * torch.exp(exponent)[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, self.freq_shift)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label table with one extra "null" row at index `num_classes` for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = int(dropout_prob > 0)
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is not None or (train and self.dropout_prob > 0):
+            if self.dropout_prob == 0:
+                raise ValueError("`force_drop_ids` needs a null class: build the model with `class_dropout_prob` > 0.")
+            # Label dropout teaches the unconditional model used by classifier-free guidance.
+            drop = force_drop_ids
+            if drop is None:
+                drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop.to(labels.device, torch.bool), self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden_size: int, mlp_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden_size, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning: every residual branch is scaled by a gate that starts at 0."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiTModel(ModelMixin, ConfigMixin):
+    r"""
+    Class-conditional Diffusion Transformer with adaLN-Zero blocks.
+
+    Parameters:
+        sample_size (`int` or `(int, int)`, defaults to 32): Height and width of the input (latent) image; an int
+            means a square input. Non-square inputs get a position embedding for their own token grid.
+        patch_size (`int`, defaults to 2): Side of the square patches that become tokens.
+        in_channels (`int`, defaults to 4): Channels of the input image.
+        hidden_size (`int`, defaults to 1152): Token width.
+        depth (`int`, defaults to 28): Number of DiT blocks.
+        num_heads (`int`, defaults to 16): Attention heads; must divide `hidden_size`.
+        mlp_ratio (`float`, defaults to 4.0): MLP hidden width as a multiple of `hidden_size`.
+        num_classes (`int`, defaults to 1000): Number of classes; 0 builds an unconditional model.
+        class_dropout_prob (`float`, defaults to 0.1): Probability of replacing a label by the null class
+            (index `num_classes`) in training. Must be > 0 for classifier-free guidance.
+        learn_sigma (`bool`, defaults to `True`): Also predict the variance interpolation (improved DDPM), which
+            doubles the output channels.
+        timestep_freq_shift (`int`, defaults to 0): Frequency convention of the timestep features: 0 as in the
+            original DiT, 1 as in diffusers' `DiTTransformer2DModel` (needed for an exact export to it).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+    _repeated_blocks = ["DiTBlock"]  # `compile_repeated_blocks()` compiles one block graph and reuses it
+    _skip_layerwise_casting_patterns = ["x_embedder", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = True,
+        timestep_freq_shift: int = 0,
+    ):
+        super().__init__()
+        height, width = to_2tuple(sample_size)
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"`sample_size` {(height, width)} must be divisible by `patch_size` {patch_size}; "
+                "pick a patch size that divides both sides."
+            )
+        if hidden_size % num_heads:
+            raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}).")
+        if num_classes < 0:
+            raise ValueError(f"`num_classes` must be >= 0 (0 = unconditional), got {num_classes}.")
+        if not 0 <= class_dropout_prob < 1:
+            raise ValueError(f"`class_dropout_prob` must be in [0, 1), got {class_dropout_prob}.")
+        if timestep_freq_shift not in (0, 1):
+            raise ValueError(
+                f"`timestep_freq_shift` must be 0 (original DiT) or 1 (diffusers), got {timestep_freq_shift}."
+            )
+
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.gradient_checkpointing = False
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        # Fixed, not learned, and recomputed from the config: kept out of the state dict.
+        pos_embed = sincos_2d(hidden_size, height // patch_size, width // patch_size).float()
+        self.register_buffer("pos_embed", pos_embed.unsqueeze(0), persistent=False)  # (1, T, D)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DiTModel":
+        """Build a paper-sized model, e.g. `DiTModel.from_preset("DiT-XL/2", sample_size=32, num_classes=1000)`."""
+        if name not in DIT_PRESETS:
+            raise ValueError(f"Unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}.")
+        return cls(**{**DIT_PRESETS[name], **overrides})
+
+    def initialize_weights(self):
+        # Transformer layers: Xavier-uniform weights, zero biases (as in ViT).
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+
+        # Patch embedding initialised like a linear layer over the flattened patch.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity and the model predicts zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1, T, D) embedding for a token grid; the stored one when it fits, else computed for the new grid."""
+        height, width = to_2tuple(self.config.sample_size)
+        p = self.config.patch_size
+        if (grid_h, grid_w) == (height // p, width // p):
+            return self.pos_embed
+        pos = sincos_2d(self.config.hidden_size, grid_h, grid_w)
+        return pos.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype).unsqueeze(0)
+
+    def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(N, T, p * p * C) -> (N, C, H, W)."""
+        p, c = self.config.patch_size, self.out_channels
+        x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
+
+    def embed_condition(
+        self, timestep: torch.Tensor, class_labels: torch.Tensor | None, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Conditioning vector c = t_emb + y_emb, computed once per forward and shared by every block."""
+        c = self.t_embedder(timestep)  # (N, D)
+        if self.y_embedder is not None:
+            if class_labels is None:
+                raise ValueError(
+                    f"This model is class-conditional (num_classes={self.config.num_classes}): pass `class_labels`, "
+                    f"using {self.config.num_classes} for the null (unconditional) class."
+                )
+            c = c + self.y_embedder(class_labels, train=self.training, force_drop_ids=force_drop_ids)
+        elif class_labels is not None:
+            raise ValueError("This model is unconditional (num_classes=0): pass `class_labels=None`.")
+        return c
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> DiTModelOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(N, in_channels, H, W)`): Noisy input.
+            timestep (`torch.Tensor` of shape `(N,)`, a scalar tensor or a number): Diffusion timesteps.
+            class_labels (`torch.LongTensor` of shape `(N,)`, *optional*): Class ids; `num_classes` is the null class.
+            return_dict (`bool`, defaults to `True`): Return a [`DiTModelOutput`] instead of a tuple.
+            force_drop_ids (`torch.BoolTensor` of shape `(N,)`, *optional*): Replace exactly these labels by the null
+                class, instead of the random label dropout of training mode (lets a trainer draw the dropout from
+                its own generator).
+        """
+        n, _, height, width = hidden_states.shape
+        p = self.config.patch_size
+        if hidden_states.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`hidden_states` has {hidden_states.shape[1]} channels but the model expects "
+                f"{self.config.in_channels}."
+            )
+        if height % p or width % p:
+            raise ValueError(f"Input size {(height, width)} must be divisible by the patch size {p}.")
+        grid_h, grid_w = height // p, width // p
+
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=hidden_states.device)
+        timestep = timestep.to(hidden_states.device).reshape(-1).expand(n)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=hidden_states.device).reshape(-1).expand(n)
+
+        pos = self.position_embedding(grid_h, grid_w).to(hidden_states.dtype)
+        x = self.x_embedder(hidden_states) + pos  # (N, T, D), where T = H * W / patch_size ** 2
+        c = self.embed_condition(timestep, class_labels, force_drop_ids).to(x.dtype)  # (N, D)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c)
+            else:
+                x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
+        output = self.unpatchify(x, grid_h, grid_w)  # (N, out_channels, H, W)
+
+        if not return_dict:
+            return (output,)
+        return DiTModelOutput(sample=output)

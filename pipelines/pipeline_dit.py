@@ -1,0 +1,352 @@
+# Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
+"""Class-conditional sampling with a DiT: `DiTPipeline`.
+
+Like `modeling_dit.py`, this file imports only torch, diffusers, huggingface_hub and the standard library, so
+`save_pretrained` can copy it into the pipeline folder and `DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)` can run it where dit_hf is not installed.
+"""
+
+import importlib
+import inspect
+import json
+import os
+import shutil
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDPMScheduler
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo, snapshot_download
+
+# How the custom code is named inside a saved folder (model_index.json refers to these module names).
+PIPELINE_MODULE = "pipeline_dit"
+TRANSFORMER_MODULE = "modeling_dit"
+
+
+def image_grid(images: list[PIL.Image.Image], cols: int) -> PIL.Image.Image:
+    """Paste equally sized images into a grid, row by row; the last row may be incomplete."""
+    if not images:
+        raise ValueError("`images` is empty: nothing to put in a grid.")
+    cols = max(1, min(cols, len(images)))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = PIL.Image.new(images[0].mode, size=(cols * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(img, box=(i % cols * w, i // cols * h))
+    return grid
+
+
+class DiTPipeline(DiffusionPipeline):
+    r"""
+    Sample images of given classes from a [`DiTModel`], with classifier-free guidance.
+
+    Args:
+        transformer ([`DiTModel`]): The class-conditional denoiser (any model with the same call signature works,
+            e.g. diffusers' `DiTTransformer2DModel`).
+        scheduler ([`SchedulerMixin`]): Any diffusers noise scheduler built for the training schedule, e.g.
+            `DDPMScheduler` (uses the learned variance), `DDIMScheduler`, `DPMSolverMultistepScheduler`.
+        vae ([`AutoencoderKL`], *optional*): Decodes latents into images. `None` for a pixel-space model.
+        id2label (`dict[int, str]`, *optional*): Class names; a name may list synonyms separated by commas.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, transformer, scheduler, vae=None, id2label: dict | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        # JSON turns int keys into strings: normalise so a reloaded pipeline compares equal.
+        id2label = {int(k): str(v) for k, v in id2label.items()} if id2label else None
+        self.register_to_config(id2label=id2label)
+        self.labels = {}
+        for class_id, names in (id2label or {}).items():
+            for name in names.split(","):
+                self.labels[name.strip()] = class_id
+
+    @property
+    def num_classes(self) -> int:
+        return getattr(self.transformer.config, "num_classes", None) or getattr(
+            self.transformer.config, "num_embeds_ada_norm", 0
+        )
+
+    def get_label_ids(self, label: str | int | list[str | int]) -> list[int]:
+        """Map class names (or ids) to class ids, e.g. `pipe.get_label_ids(["golden retriever", "tabby"])`."""
+        labels = label if isinstance(label, (list, tuple)) else [label]
+        ids = []
+        for item in labels:
+            if isinstance(item, str):
+                if item not in self.labels:
+                    valid = sorted(self.labels) if self.labels else "none (this pipeline has no `id2label`)"
+                    raise ValueError(f"Unknown class name {item!r}. Valid names: {valid}.")
+                ids.append(self.labels[item])
+            else:
+                class_id = int(item)
+                if not 0 <= class_id < self.num_classes:
+                    raise ValueError(f"Class id {class_id} is out of range: valid ids are 0..{self.num_classes - 1}.")
+                ids.append(class_id)
+        return ids
+
+    def _sample_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        size = self.transformer.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return (batch_size, self.transformer.config.in_channels, height, width)
+
+    def _uses_learned_variance(self) -> bool:
+        """Whether the scheduler consumes the variance channels (DDPM with learned or learned_range variance)."""
+        return isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type in (
+            "learned",
+            "learned_range",
+        )
+
+    def _check_scheduler(self, latent_channels: int):
+        """Reject a scheduler that would drop noise channels: the pipeline already removes the variance channels."""
+        name = type(self.scheduler).__name__
+        variance_type = self.scheduler.config.get("variance_type")
+        # DPM-Solver with a learned variance_type keeps `model_output[:, :3]`, which assumes 3 latent channels.
+        # (DDIM and others only carry the key over from a DDPM config and ignore it.)
+        takes_variance = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
+        learned = variance_type in ("learned", "learned_range") and not self._uses_learned_variance()
+        if takes_variance and learned and latent_channels != 3:
+            raise ValueError(
+                f"{name} with variance_type={variance_type!r} keeps only 3 channels of the model output, but the "
+                f"model has {latent_channels}: build it with `{name}.from_config(pipe.scheduler.config, "
+                "variance_type=None)`."
+            )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int] | list[str] | int | str | None = None,
+        guidance_scale: float = 4.0,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_channels: int | None = None,
+        num_images: int | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Args:
+            class_labels (`list[int]`, `list[str]`, `int` or `str`, *optional*): One image per entry. Names are
+                looked up in `id2label`. Must be `None` for an unconditional model.
+            guidance_scale (`float`, defaults to 4.0): Classifier-free guidance scale; 1.0 samples the conditional
+                model alone (no unconditional pass).
+            num_inference_steps (`int`, defaults to 50): Denoising steps.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): One generator, or one per image.
+            latents (`torch.Tensor`, *optional*): Starting noise of shape `(batch, channels, height, width)`.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC floats in [0, 1]), `"pt"` (NCHW floats
+                in [0, 1]) or `"latent"` (the denoised latents, not decoded).
+            return_dict (`bool`, defaults to `True`): Return an [`ImagePipelineOutput`] instead of a tuple.
+            guidance_channels (`int`, *optional*): Guide only the first k noise channels and take the others from
+                the conditional branch. `None` guides all; 3 reproduces the released DiT sampler on 4-channel latents.
+            num_images (`int`, *optional*): Batch size for an unconditional model (`class_labels=None`).
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`: the images.
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0 (1.0 disables guidance), got {guidance_scale}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+
+        conditional = self.num_classes > 0
+        if conditional:
+            if class_labels is None:
+                raise ValueError("This model is class-conditional: pass `class_labels` (ids or names, one per image).")
+            label_ids = self.get_label_ids(class_labels)
+            batch_size = len(label_ids)
+        else:
+            if class_labels is not None:
+                raise ValueError("This model is unconditional: pass `class_labels=None` and `num_images`.")
+            batch_size = num_images or 1
+        do_cfg = conditional and guidance_scale != 1.0
+        if do_cfg and getattr(self.transformer.config, "class_dropout_prob", 0.1) == 0:
+            raise ValueError(
+                "Classifier-free guidance needs a model trained with label dropout (`class_dropout_prob` > 0); "
+                "use `guidance_scale=1.0`."
+            )
+
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        shape = self._sample_shape(batch_size)
+        latent_channels = shape[1]
+        if guidance_channels is not None and not 0 < guidance_channels <= latent_channels:
+            raise ValueError(f"`guidance_channels` must be in 1..{latent_channels} or None, got {guidance_channels}.")
+        self._check_scheduler(latent_channels)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image.")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+
+        if conditional:
+            labels = torch.tensor(label_ids, device=device)
+            if do_cfg:
+                # Conditional and unconditional halves in one batched forward; the null class is `num_classes`.
+                labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        else:
+            labels = None
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # Label dropout is a training-time augmentation: sample in eval mode whatever mode the model was left in.
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            latents = self._denoise(latents, labels, do_cfg, guidance_scale, guidance_channels, generator)
+        finally:
+            self.transformer.train(was_training)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.decode(latents)
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _denoise(self, latents, labels, do_cfg, guidance_scale, guidance_channels, generator) -> torch.Tensor:
+        latent_channels = latents.shape[1]
+        learned_variance = self._uses_learned_variance()
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timesteps = t.to(latents.device).reshape(1).expand(model_input.shape[0])
+            out = self.transformer(model_input, timesteps, labels).sample  # (B, C or 2C, H, W)
+            eps, rest = out[:, :latent_channels], out[:, latent_channels:]
+            if do_cfg:
+                k = guidance_channels or latent_channels
+                cond, uncond = eps.chunk(2)
+                guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
+                eps = torch.cat([guided, cond[:, k:]], dim=1)
+                rest = rest.chunk(2)[0]
+            if learned_variance:
+                # DDPM with a learned variance takes [eps, v]; other schedulers take eps alone.
+                if rest.shape[1] != latent_channels:
+                    raise ValueError(
+                        f"The scheduler's variance_type={self.scheduler.config.variance_type!r} needs a model that "
+                        "predicts the variance (`learn_sigma=True`); for this model build the scheduler with "
+                        "`variance_type='fixed_small'`."
+                    )
+                model_output = torch.cat([eps, rest], dim=1)
+            else:
+                model_output = eps
+            latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (NCHW); pixel-space models map [-1, 1] to [0, 1] directly."""
+        if self.vae is not None:
+            scaling = self.vae.config.scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = latents.to(self.vae.dtype) / scaling + shift
+            latents = self.vae.decode(latents).sample
+        return (latents / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+        """NHWC floats in [0, 1] -> PIL images; one channel gives grayscale ("L") images."""
+        images = (images * 255).round().astype("uint8")
+        if images.shape[-1] == 1:
+            return [PIL.Image.fromarray(image[..., 0], mode="L") for image in images]
+        return [PIL.Image.fromarray(image) for image in images]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving with the custom code, and loading without remote code when dit_hf is installed.
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """Save like diffusers, plus the code of the pipeline and transformer so the folder runs without dit_hf."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant)
+        self.write_custom_code(save_directory)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            token = kwargs.pop("token", None)
+            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
+            self._upload_folder(
+                save_directory,
+                repo_id,
+                token=token,
+                commit_message=kwargs.pop("commit_message", None),
+                create_pr=kwargs.pop("create_pr", False),
+            )
+
+    def write_custom_code(self, save_directory: str | os.PathLike):
+        """Copy this file and the transformer's module into the folder and point model_index.json at them."""
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        shutil.copyfile(inspect.getsourcefile(type(self)), os.path.join(save_directory, f"{PIPELINE_MODULE}.py"))
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        transformer_cls = type(self.transformer)
+        if transformer_cls.__module__.split(".")[-1] == TRANSFORMER_MODULE:
+            target = os.path.join(save_directory, "transformer", f"{TRANSFORMER_MODULE}.py")
+            shutil.copyfile(inspect.getsourcefile(transformer_cls), target)
+            index["transformer"] = [TRANSFORMER_MODULE, transformer_cls.__name__]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiTPipeline":
+        """
+        Load a saved pipeline (a local folder or a Hub repo id) with this class and dit_hf's `DiTModel`.
+
+        Components can be replaced by passing them (e.g. `scheduler=DDIMScheduler.from_config(...)`); `torch_dtype`
+        casts the models; `cache_dir`, `revision`, `token`, `local_files_only` and `force_download` are passed
+        to the Hub download. Without dit_hf installed this falls back to diffusers' loader (remote code).
+        """
+        try:
+            # No import statement on purpose: diffusers scans this file's imports when it travels as remote code.
+            dit_model_cls = importlib.import_module("dit_hf.modeling_dit").DiTModel
+        except ImportError:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        components = {name: kwargs.pop(name) for name in ("transformer", "scheduler", "vae") if name in kwargs}
+        id2label = kwargs.pop("id2label", None)
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        if kwargs:
+            raise ValueError(f"Unsupported arguments for DiTPipeline.from_pretrained: {sorted(kwargs)}.")
+
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            folder = snapshot_download(folder, **hub_kwargs)
+        index = cls.load_config(folder)
+        for name in ("transformer", "scheduler", "vae"):
+            if name in components:
+                continue
+            library, class_name = index.get(name) or (None, None)
+            if class_name is None:
+                components[name] = None
+                continue
+            if library == TRANSFORMER_MODULE:
+                component_cls = dit_model_cls
+            else:
+                component_cls = getattr(importlib.import_module(library), class_name)
+            load_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "scheduler" else {}
+            components[name] = component_cls.from_pretrained(folder, subfolder=name, **load_kwargs)
+        if id2label is None:
+            id2label = index.get("id2label")
+        return cls(**components, id2label=id2label)

@@ -1,0 +1,59 @@
+"""`dit-hf sample`: a PNG grid from a saved pipeline."""
+
+import PIL.Image
+import pytest
+from conftest import make_pipe, tiny_dit
+
+from dit_hf.cli import main
+
+
+def sample_args(folder, out, *extra):
+    return ["sample", str(folder), "--steps", "2", "--out", str(out), *extra]
+
+
+def test_sample_writes_a_deterministic_grid(saved_pipeline, tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "nested" / "b.png"
+    extra = ("--labels", "1", "2", "3", "--scheduler", "ddim", "--scale", "2", "--seed", "3")
+    assert main(sample_args(saved_pipeline, first, *extra)) == str(first)
+    main(sample_args(saved_pipeline, second, *extra))
+    with PIL.Image.open(first) as grid:
+        # 3 images -> 2 columns x 2 rows of 8 x 8 samples, upscaled 2x.
+        assert grid.size == (2 * 8 * 2, 2 * 8 * 2) and grid.mode == "RGB"
+        assert grid.getextrema() != ((0, 0), (0, 0), (0, 0))
+        # The missing 4th image leaves its cell black; the 3 samples are not.
+        assert grid.crop((16, 16, 32, 32)).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert first.read_bytes() == second.read_bytes()
+
+    other_seed = tmp_path / "c.png"
+    main(sample_args(saved_pipeline, other_seed, *extra[:-1], "4"))
+    assert other_seed.read_bytes() != first.read_bytes()
+
+
+def test_sample_with_label_names(saved_pipeline, tmp_path, capsys):
+    by_name, by_id = tmp_path / "names.png", tmp_path / "ids.png"
+    main(sample_args(saved_pipeline, by_name, "--labels", "tabby cat", "goldfish", "--cols", "1"))
+    main(sample_args(saved_pipeline, by_id, "--labels", "0", "2", "--cols", "1"))
+    assert by_name.read_bytes() == by_id.read_bytes()
+    assert PIL.Image.open(by_name).size == (8, 16)
+    assert "wrote 2 samples" in capsys.readouterr().out
+
+
+def test_bad_label_name_exits_with_the_valid_names(saved_pipeline, tmp_path, capsys):
+    out = tmp_path / "never.png"
+    with pytest.raises(SystemExit) as exit_info:
+        main(sample_args(saved_pipeline, out, "--labels", "1", "platypus"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'platypus'" in err and all(f"'{name}'" in err for name in ("tabby", "golden retriever", "goldfish"))
+    assert not out.exists()
+
+
+def test_dpm_scheduler_on_4_channel_latents(tmp_path):
+    # The saved DDPM config has variance_type="learned_range", which DPM-Solver reads as "keep 3 noise channels".
+    folder, out = tmp_path / "pipe", tmp_path / "dpm.png"
+    make_pipe(tiny_dit(in_channels=4)).save_pretrained(folder)
+    main(sample_args(folder, out, "--labels", "1", "2", "--scheduler", "dpm"))
+    with PIL.Image.open(out) as grid:
+        # No VAE: the 4 latent channels become an RGBA image.
+        assert grid.size == (16, 8) and grid.mode == "RGBA"
+        assert grid.getextrema()[0] != (0, 0)
