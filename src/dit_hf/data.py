@@ -1,0 +1,444 @@
+# Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
+"""Image data for class-conditional DiT training: loading, column and label checks, corrupt-file screening, and the
+ADM/DiT preprocessing (center crop, horizontal flip, scale to [-1, 1]).
+
+The trainer calls these in this order, each one mapping onto its command-line options::
+
+    ds = load_image_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name)
+    image_column, label_column = resolve_columns(ds, args.image_column, args.label_column)
+    num_classes = args.num_classes if args.num_classes is not None else infer_num_classes(ds, label_column)
+    check_labels(ds, label_column, num_classes)
+    ds = select_subset(ds, args.max_train_samples, args.seed)
+    ds, bad = drop_unreadable_images(ds, image_column, args.max_bad_image_fraction, num_proc=args.num_workers)
+    transform = build_transform(args.resolution, args.center_crop, args.random_flip)
+    train_dataset = ImageLabelDataset(ds, image_column, label_column, transform)
+"""
+
+import io
+import os
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+# Columns tried, in order, when --image_column / --label_column are not given (the names used by Hub image datasets).
+DEFAULT_IMAGE_COLUMNS = ("image", "img")
+DEFAULT_LABEL_COLUMNS = ("label", "labels", "class", "class_label")
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """The ADM / DiT center crop: a square of side `image_size` from the middle of the image.
+
+    Large images are first halved with a BOX filter while the short side is at least `2 * image_size` (cheap
+    anti-aliasing for big downscales, as in ADM's `image_datasets.py`), then BICUBIC-resized so the short side equals
+    `image_size`; small images are upsampled the same way.
+    """
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
+    left = (pil_image.width - image_size) // 2
+    top = (pil_image.height - image_size) // 2
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+def resize_center_crop(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """One BICUBIC resize of the short side to `image_size`, then the middle square (no BOX halving)."""
+    scale = image_size / min(pil_image.size)
+    size = tuple(max(image_size, round(side * scale)) for side in pil_image.size)
+    pil_image = pil_image.resize(size, resample=Image.BICUBIC)
+    left = (pil_image.width - image_size) // 2
+    top = (pil_image.height - image_size) // 2
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+def load_digits_dataset() -> datasets.Dataset:
+    """scikit-learn's handwritten digits (1,797 8×8 grayscale images, classes 0-9) as a `datasets.Dataset`.
+
+    It ships inside scikit-learn, so the trainer can run with no download. Pixel values 0..16 are scaled to 0..255
+    (`round(v * 255 / 16)`) and stored as "L" images in an "image" column; "label" is a `ClassLabel` of "0".."9".
+    """
+    from sklearn.datasets import load_digits  # imported here: only this default data set needs scikit-learn
+
+    digits = load_digits()
+    pixels = np.round(digits.images * 255 / 16).astype(np.uint8)  # (1797, 8, 8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features
+    )
+
+
+def _contains_image_file(directory: str) -> bool:
+    extensions = set(Image.registered_extensions())
+    for _, _, files in os.walk(directory):
+        if any(os.path.splitext(f)[1].lower() in extensions for f in files):
+            return True
+    return False
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """Load the training images.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            A Hub dataset id or a local dataset path/script, passed to `datasets.load_dataset`.
+        train_data_dir (`str`, *optional*):
+            A local folder read with the "imagefolder" builder: `train_data_dir/<class>/<image>` gives a
+            `ClassLabel` "label" column named after the subfolders. Images directly in the folder, or a single
+            class subfolder, give no label column (unconditional training).
+        dataset_config_name (`str`, *optional*):
+            The configuration of `dataset_name`.
+        split (`str`, defaults to `"train"`):
+            The split to load.
+        cache_dir (`str`, *optional*):
+            Where `datasets` caches downloads and Arrow files.
+
+    With neither `dataset_name` nor `train_data_dir`, returns [`load_digits_dataset`].
+    """
+    if dataset_name is not None and train_data_dir is not None:
+        raise ValueError(
+            f"Got both --dataset_name {dataset_name!r} and --train_data_dir {train_data_dir!r}; pass only one of them."
+        )
+    if dataset_config_name is not None and dataset_name is None:
+        raise ValueError(
+            f"--dataset_config_name {dataset_config_name!r} needs --dataset_name; pass the dataset it configures."
+        )
+    if dataset_name is not None:
+        ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
+        where = f"--dataset_name {dataset_name!r} (config {dataset_config_name!r}, split {split!r})"
+    elif train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise FileNotFoundError(
+                f"--train_data_dir {train_data_dir!r} is not a directory; pass a folder laid out as "
+                "<train_data_dir>/<class name>/<image file>."
+            )
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+        except (FileNotFoundError, ValueError) as err:
+            # datasets reports an image-less folder as "no data files" or "corresponds to no data"; say it plainly.
+            if not _contains_image_file(train_data_dir):
+                raise ValueError(
+                    f"--train_data_dir {train_data_dir!r} contains no image files; put images in "
+                    "<train_data_dir>/<class name>/ subfolders."
+                ) from err
+            raise
+        where = f"--train_data_dir {train_data_dir!r} (split {split!r})"
+    else:
+        ds = load_digits_dataset()
+        where = "the built-in scikit-learn digits"
+    if len(ds) == 0:
+        raise ValueError(f"The training data from {where} has 0 rows; point it at a non-empty dataset or split.")
+    return ds
+
+
+def _column_summary(ds: datasets.Dataset) -> str:
+    return ", ".join(f"{name!r} ({type(feature).__name__})" for name, feature in ds.features.items())
+
+
+def resolve_columns(
+    ds: datasets.Dataset, image_column: str | None = None, label_column: str | None = None
+) -> tuple[str, str | None]:
+    """Pick the image and label columns; returns `(image_column, label_column)`.
+
+    Defaults: the image column is "image" or "img" when that is an `Image` feature, else the first `Image` feature;
+    the label column is "label", "labels", "class" or "class_label", else the first `ClassLabel` feature, else `None`
+    (the data has no labels: train unconditionally). A trainer that wants unconditional training on labelled data
+    simply ignores the returned label column.
+    """
+    features = ds.features
+    if image_column is None:
+        image_features = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+        if not image_features:
+            raise ValueError(
+                f"Found no image column; the dataset has columns {_column_summary(ds)}. "
+                "Pass the column that holds the images as --image_column."
+            )
+        preferred = [name for name in DEFAULT_IMAGE_COLUMNS if name in image_features]
+        image_column = (preferred or image_features)[0]
+    elif image_column not in features:
+        raise ValueError(
+            f"--image_column {image_column!r} is not a column of the dataset; available columns: "
+            f"{_column_summary(ds)}. Pass one of them."
+        )
+    if not isinstance(features[image_column], datasets.Image):
+        raise ValueError(
+            f"--image_column {image_column!r} holds {features[image_column]}, not images; available columns: "
+            f"{_column_summary(ds)}. Pass a column with an Image feature."
+        )
+
+    if label_column is None:
+        named = [name for name in DEFAULT_LABEL_COLUMNS if name in features]
+        class_labels = [name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
+        label_column = (named or class_labels or [None])[0]
+    elif label_column not in features:
+        raise ValueError(
+            f"--label_column {label_column!r} is not a column of the dataset; available columns: "
+            f"{_column_summary(ds)}. Pass one of them."
+        )
+    return image_column, label_column
+
+
+def _integer_labels(ds: datasets.Dataset, label_column: str) -> list:
+    """The distinct values of an integer or `ClassLabel` column; ValueError for any other column type."""
+    feature = ds.features[label_column]
+    if not isinstance(feature, datasets.ClassLabel) and not (
+        isinstance(feature, datasets.Value) and pa.types.is_integer(feature.pa_type)
+    ):
+        raise ValueError(
+            f"--label_column {label_column!r} holds {feature}, but class labels must be integers or a ClassLabel. "
+            "Pick an integer/ClassLabel column, or convert this one (e.g. `ds.class_encode_column(...)`)."
+        )
+    return ds.unique(label_column)
+
+
+def class_names(ds: datasets.Dataset, label_column: str | None) -> list[str] | None:
+    """Names of the classes, indexed by label id; `None` without a label column.
+
+    A `ClassLabel` column gives its names. A plain integer column gives `["0", "1", ..., str(max_label)]`: one entry
+    per id up to the largest label, so `names[i]` is the name of label `i` even when some ids never occur.
+    """
+    if label_column is None:
+        return None
+    feature = ds.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    largest = max((v for v in _integer_labels(ds, label_column) if v is not None), default=-1)
+    if largest < 0:  # e.g. a test split whose labels are all -1: guessing 0 classes would silently drop conditioning
+        raise ValueError(
+            f"--label_column {label_column!r} has no non-negative labels; train on a labelled split, or leave the "
+            "labels out by setting --num_classes 0."
+        )
+    return [str(i) for i in range(largest + 1)]
+
+
+def infer_num_classes(ds: datasets.Dataset, label_column: str | None) -> int | None:
+    """The number of classes: `ClassLabel.num_classes`, or largest integer label + 1; `None` when unconditional."""
+    names = class_names(ds, label_column)
+    return None if names is None else len(names)
+
+
+def check_labels(ds: datasets.Dataset, label_column: str | None, num_classes: int | None) -> None:
+    """Raise ValueError unless every label is an integer in `[0, num_classes)`.
+
+    Nothing to check without a label column or with `num_classes == 0` (unconditional training ignores the labels).
+    """
+    if label_column is None or num_classes == 0:
+        return
+    if num_classes is None or num_classes < 0:
+        raise ValueError(
+            f"--label_column {label_column!r} is set but num_classes is {num_classes}; set --num_classes to the "
+            "number of classes (0 trains unconditionally)."
+        )
+    values = _integer_labels(ds, label_column)
+    if None in values:
+        raise ValueError(
+            f"--label_column {label_column!r} has missing (null) labels; fill them in or train on a labelled split."
+        )
+    bad = sorted(v for v in values if not 0 <= v < num_classes)
+    if bad:
+        if bad[-1] >= num_classes:
+            fix = f"Set --num_classes to at least {bad[-1] + 1} if these are real classes, or fix the labels."
+        else:  # -1 is how ClassLabel marks a missing label, e.g. in a test split
+            fix = "Labels must be non-negative: fix them, or train on a labelled split (-1 often means unlabelled)."
+        raise ValueError(
+            f"--label_column {label_column!r} has labels {bad[:10]}{' ...' if len(bad) > 10 else ''} outside "
+            f"[0, {num_classes}). {fix}"
+        )
+
+
+def _unreadable_in_batch(batch: dict, indices: list[int], column: str) -> dict:
+    found = []
+    for index, value in zip(indices, batch[column]):
+        if value is None or (value["bytes"] is None and value["path"] is None):
+            found.append(f"row {index} (no image)")
+            continue
+        where = value["path"] if value["bytes"] is None else f"row {index} ({value['path'] or 'embedded bytes'})"
+        try:
+            with Image.open(value["path"] if value["bytes"] is None else io.BytesIO(value["bytes"])) as image:
+                image.load()  # decodes the pixels: catches truncated files that `Image.open` alone accepts
+        except Exception:  # whatever PIL raises (OSError, SyntaxError, DecompressionBombError...), it is unusable
+            found.append(where)
+        else:
+            found.append(None)
+    return {"unreadable": found}
+
+
+def find_unreadable_images(
+    ds: datasets.Dataset, image_column: str, num_proc: int | None = None
+) -> list[tuple[int, str]]:
+    """`(row index, path or description)` of every image PIL cannot decode; `num_proc` processes share the work.
+
+    Every image is fully decoded once, so on a large dataset this costs about one epoch of image decoding.
+    """
+    raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    # keep_in_memory / no cache: the result is one short column, and a cached answer would go stale once the user
+    # repairs a file (imagefolder fingerprints the paths, not the file contents).
+    flags = raw.map(
+        _unreadable_in_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"column": image_column},
+        remove_columns=[image_column],
+        num_proc=num_proc,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        desc="Checking images",
+    )
+    return [(index, where) for index, where in enumerate(flags["unreadable"]) if where is not None]
+
+
+def drop_unreadable_images(
+    ds: datasets.Dataset, image_column: str, max_bad_fraction: float = 0.01, num_proc: int | None = None
+) -> tuple[datasets.Dataset, list[tuple[int, str]]]:
+    """Remove the rows whose image PIL cannot decode; returns `(clean dataset, [(row index, path), ...])`.
+
+    Raises ValueError when more than `max_bad_fraction` of the rows are unreadable: that many broken files usually
+    means a wrong path or format rather than a few bad downloads.
+    """
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"--max_bad_image_fraction must lie in [0, 1], got {max_bad_fraction}.")
+    bad = find_unreadable_images(ds, image_column, num_proc=num_proc)
+    if not bad:
+        return ds, bad
+    fraction = len(bad) / len(ds)
+    if fraction > max_bad_fraction:
+        listing = "\n  ".join(where for _, where in bad[:10])
+        raise ValueError(
+            f"{len(bad)} of {len(ds)} images ({fraction:.2%}) cannot be decoded, more than --max_bad_image_fraction "
+            f"{max_bad_fraction} allows. The first {min(len(bad), 10)}:\n  {listing}\n"
+            "Repair or delete these files, or raise --max_bad_image_fraction to skip them."
+        )
+    keep = np.ones(len(ds), dtype=bool)
+    keep[[index for index, _ in bad]] = False
+    return ds.select(np.flatnonzero(keep)), bad
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to "RGB" or "L"; transparent pixels are composited on white (the usual background of icons/renders)."""
+    if image.mode.startswith("I;16"):
+        # PIL clips 16-bit values to 255 when converting; rescale 0..65535 to 0..255 instead.
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == mode else image.convert(mode)
+
+
+class ImageTransform:
+    """PIL image -> float tensor `(channels, resolution, resolution)` in [-1, 1]. Build it with [`build_transform`].
+
+    A class rather than a closure so DataLoader workers started with "spawn" can pickle it.
+    """
+
+    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = True, channels: int = 3):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+        if resolution < 1:
+            raise ValueError(f"--resolution must be a positive number of pixels, got {resolution}.")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.channels = channels
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_mode(image, "RGB" if self.channels == 3 else "L")
+        crop = center_crop_arr if self.center_crop else resize_center_crop
+        array = np.asarray(crop(image, self.resolution), dtype=np.float32).reshape(
+            self.resolution, self.resolution, self.channels
+        )
+        pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, R, R) in [-1, 1]
+        # torch's RNG, not Python's: accelerate's set_seed and the DataLoader's per-worker seeding make flips repeat.
+        if self.random_flip and torch.rand(()).item() < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(resolution={self.resolution}, center_crop={self.center_crop}, "
+            f"random_flip={self.random_flip}, channels={self.channels})"
+        )
+
+
+def build_transform(resolution: int, center_crop: bool, random_flip: bool, channels: int = 3) -> ImageTransform:
+    """The training preprocessing: PIL image -> float tensor `(channels, resolution, resolution)` in [-1, 1].
+
+    Args:
+        resolution (`int`): side of the square output.
+        center_crop (`bool`):
+            `True`: ADM/DiT's [`center_crop_arr`] (BOX halving, then BICUBIC). `False`: a single BICUBIC resize of the
+            short side, then the same center square. Both crop the center: DiT trains on center crops, and a random
+            crop would move objects relative to the class they are conditioned on.
+        random_flip (`bool`): flip left-right with probability 0.5, drawn from torch's RNG.
+        channels (`int`, defaults to 3): 3 converts to RGB, 1 to grayscale ("L"); transparency goes on white.
+    """
+    return ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, channels=channels)
+
+
+class ImageLabelDataset(torch.utils.data.Dataset):
+    """A torch view of a `datasets.Dataset`: item `i` is `{"pixel_values": (C, R, R) float, "class_labels": long}`.
+
+    "class_labels" is absent when `label_column` is `None` (unconditional). Only the two columns are kept, so other
+    image columns are never decoded; the underlying Arrow table pickles cheaply into DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        image_column: str,
+        label_column: str | None,
+        transform: ImageTransform,
+    ):
+        columns = [image_column] if label_column is None else [image_column, label_column]
+        self.ds = ds.select_columns(columns).with_format(None)
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.ds[int(index)]
+        item = {"pixel_values": self.transform(row[self.image_column])}
+        if self.label_column is not None:
+            item["class_labels"] = torch.tensor(row[self.label_column], dtype=torch.long)
+        return item
+
+
+def select_subset(ds: datasets.Dataset, max_train_samples: int | None, seed: int | None = None) -> datasets.Dataset:
+    """`--max_train_samples`: a seeded random subset of that many rows (the whole dataset when `None` or larger).
+
+    Shuffle-then-select, as in the diffusers example trainers, so the same seed picks the same rows there.
+    """
+    if max_train_samples is None or max_train_samples >= len(ds):
+        return ds
+    if max_train_samples < 1:
+        raise ValueError(f"--max_train_samples must be a positive number of rows, got {max_train_samples}.")
+    return ds.shuffle(seed=seed).select(range(max_train_samples))
+
+
+def check_resolution(resolution: int, patch_size: int, vae_scale_factor: int = 1) -> int:
+    """Check that `resolution` splits into whole latent pixels and patches; returns the latent side length.
+
+    The image goes through the VAE (downsampling by `vae_scale_factor`, 1 in pixel space) and is cut into
+    `patch_size`² patches, so the side must be a multiple of `vae_scale_factor * patch_size`.
+    """
+    step = vae_scale_factor * patch_size
+    if resolution < 1 or resolution % step != 0:
+        below, above = resolution // step * step, (resolution // step + 1) * step
+        nearest = f"{below} or {above}" if below > 0 else f"{above}"
+        raise ValueError(
+            f"--resolution {resolution} must be a positive multiple of {step} (VAE downsampling {vae_scale_factor} "
+            f"× patch size {patch_size}); use {nearest}."
+        )
+    return resolution // vae_scale_factor

@@ -1,0 +1,439 @@
+# Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
+"""A cache of VAE posteriors, so that latent-space training runs the frozen `AutoencoderKL` once, not every step.
+
+As in fast-DiT, the training set is encoded once, for each image and its horizontal flip (so random flipping survives
+caching). Unlike fast-DiT, which stores one fixed sample `z ~ q(z | x)`, the cache stores the posterior moments
+(`mean`, `logvar` of `vae.encode(x).latent_dist`) and the training step draws a fresh `z` every epoch with
+`sample_latents`, exactly as encoding on the fly would.
+
+The trainer uses it like this (every process runs every line; `encode_to_cache` splits the work itself)::
+
+    fingerprint = cache_fingerprint(args.vae, vae.config, ds._fingerprint, args.resolution, args.center_crop, len(ds))
+    if not check_cache(args.cache_latents, fingerprint):  # a complete, matching cache is reused as it is
+        encode_to_cache(accelerator, vae, unflipped_dataset, args.cache_latents, fingerprint=fingerprint)
+    train_dataset = CachedLatentDataset(args.cache_latents, random_flip=args.random_flip)
+    ...
+    latents = sample_latents(batch["moments"], train_dataset.scaling_factor, train_dataset.shift_factor)
+
+The dataset given to `encode_to_cache` must be built without random flipping: the flip is cached alongside.
+
+Layout of a cache directory:
+
+- `shard-{process:05d}-{k:05d}.safetensors`: the k-th shard written by one process, with tensors `index` (long, the
+  dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`) and `labels` (long, -1 when
+  the data set is unconditional), and the metadata `has_labels`.
+- `cache_info.json`: written last, by the main process, once every shard is on disk and checked. Its presence marks
+  the cache complete. A directory without it is the remains of an interrupted run: `check_cache` answers False and
+  `encode_to_cache` deletes its shards before encoding again.
+
+Precision: moments are stored in float32 by default, so that sampling from the cache is identical to sampling from
+`vae.encode(x).latent_dist`. `storage_dtype=torch.float16` halves the size (at 256 px with the SD VAE, 64 KiB per
+image in float32, about 84 GB for ImageNet-1k's 1.28M images, all of which `CachedLatentDataset` holds in memory) at
+the cost of rounding each moment to a relative 2**-11 ≈ 4.9e-4; for a narrow posterior that error in `mean` can be
+a sizeable fraction of the standard deviation it is sampled with, so use float16 only when float32 does not fit.
+bfloat16 (a relative 2**-8) is refused.
+"""
+
+import json
+import os
+import re
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+CACHE_FORMAT_VERSION = 1
+CACHE_INFO_NAME = "cache_info.json"
+SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels")
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Finished shards and the temporary files of interrupted writes (`<shard>.tmp`): a rebuild removes both.
+_SHARD_PATTERN = re.compile(r"^shard-\d{5}-\d{5}\.safetensors(\.tmp)?$")
+# DiagonalGaussianDistribution clamps logvar to this range before computing the standard deviation.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def _json_safe(value):
+    """`value` as it reads back from JSON (tuples become lists, dict keys strings), so fingerprints compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def cache_fingerprint(
+    vae_name_or_path: str,
+    vae_config: dict,
+    dataset_fingerprint: str,
+    resolution: int,
+    center_crop: bool,
+    num_samples: int,
+) -> dict:
+    """Everything that decides the cached latents, as a JSON-safe dict: a cache is reused only if this matches.
+
+    Args:
+        vae_name_or_path (`str`): The Hub id or folder the VAE was loaded from.
+        vae_config (`dict`): `vae.config`. Keys starting with "_" (`_name_or_path`, `_diffusers_version`,
+            `_use_default_values`) are left out: they record where and how the config was read, not what it encodes.
+        dataset_fingerprint (`str`): Identifies the images and their order, e.g. `datasets.Dataset._fingerprint`.
+        resolution (`int`): The side of the square images fed to the VAE.
+        center_crop (`bool`): Whether the images were center-cropped (else randomly cropped) to `resolution`.
+        num_samples (`int`): The number of images in the data set.
+    """
+    config = {key: value for key, value in dict(vae_config).items() if not key.startswith("_")}
+    return _json_safe(
+        {
+            "cache_format": CACHE_FORMAT_VERSION,
+            "vae": str(vae_name_or_path),
+            "vae_config": config,
+            "dataset": str(dataset_fingerprint),
+            "resolution": int(resolution),
+            "center_crop": bool(center_crop),
+            "num_samples": int(num_samples),
+        }
+    )
+
+
+def _fingerprint_differences(stored: dict, wanted: dict) -> list[str]:
+    """The keys whose values differ; `vae_config` is compared key by key so the message names the setting."""
+    differences = []
+    for key in sorted(set(stored) | set(wanted)):
+        old, new = stored.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{sub}" for sub in _fingerprint_differences(old, new)]
+        elif old != new:
+            differences.append(key)
+    return differences
+
+
+def _read_cache_info(cache_dir: str) -> dict:
+    path = os.path.join(cache_dir, CACHE_INFO_NAME)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"The latent cache {cache_dir!r} has an unreadable {CACHE_INFO_NAME} ({err}). Delete the directory and "
+            "rerun to rebuild the cache."
+        ) from err
+
+
+def check_cache(cache_dir: str, fingerprint: dict) -> bool:
+    """Whether `cache_dir` holds a complete latent cache made with `fingerprint`.
+
+    Returns:
+        `True` for a complete cache (its `cache_info.json` exists) with an equal fingerprint: use it as it is.
+        `False` if the directory is absent, empty, or has no `cache_info.json` (an interrupted run): build the cache
+        with `encode_to_cache`, which first deletes any shards left over.
+
+    Raises:
+        `ValueError`: If the directory holds a complete cache made with a different fingerprint (another VAE, data
+            set, resolution or crop), naming the keys that differ. Rebuilding silently would throw away a cache the
+            user may still want, so the choice is left to them.
+    """
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ValueError(f"--cache_latents {cache_dir!r} is a file; pass a directory.")
+    if not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
+        return False
+    stored = _read_cache_info(cache_dir).get("fingerprint", {})
+    differences = _fingerprint_differences(stored, _json_safe(fingerprint))
+    if differences:
+        raise ValueError(
+            f"The latent cache in {cache_dir!r} was made with different settings ({', '.join(differences)} differ). "
+            "Pass another --cache_latents directory, or delete this one to rebuild it."
+        )
+    return True
+
+
+def process_indices(num_samples: int, process_index: int, num_processes: int) -> range:
+    """The contiguous share of `range(num_samples)` that process `process_index` of `num_processes` encodes.
+
+    Shares differ in size by at most one (the first `num_samples % num_processes` processes take one more), and
+    together they cover every index exactly once.
+    """
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index={process_index} must lie in [0, num_processes={num_processes}).")
+    if num_samples < 0:
+        raise ValueError(f"num_samples={num_samples} must be >= 0.")
+    base, extra = divmod(num_samples, num_processes)
+    start = process_index * base + min(process_index, extra)
+    return range(start, start + base + (process_index < extra))
+
+
+def _remove_stale_files(cache_dir: str) -> None:
+    """Deletes the completion marker first, so that a half-rebuilt cache is never taken for a complete one."""
+    for name in [CACHE_INFO_NAME, CACHE_INFO_NAME + ".tmp"] + sorted(os.listdir(cache_dir)):
+        path = os.path.join(cache_dir, name)
+        if (name.startswith(CACHE_INFO_NAME) or _SHARD_PATTERN.match(name)) and os.path.isfile(path):
+            os.remove(path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    # A crash mid-write leaves only `<path>.tmp`, which no reader looks at and the next rebuild removes.
+    save_file(tensors, path + ".tmp", metadata=metadata)
+    os.replace(path + ".tmp", path)
+
+
+def _shard_names(cache_dir: str) -> list[str]:
+    return sorted(name for name in os.listdir(cache_dir) if _SHARD_PATTERN.match(name) and not name.endswith(".tmp"))
+
+
+def _summarize_shards(cache_dir: str, num_samples: int) -> dict:
+    """Checks that the shards on disk cover every index once and agree on shape and labels; returns what they hold."""
+    shards = _shard_names(cache_dir)
+    seen = torch.zeros(num_samples, dtype=torch.long)
+    shapes, has_labels = set(), set()
+    for name in shards:
+        with safe_open(os.path.join(cache_dir, name), framework="pt") as f:
+            index = f.get_tensor("index")
+            shapes.add(tuple(f.get_slice("mean").get_shape()[1:]))
+            has_labels.add(f.metadata()["has_labels"] == "true")
+        seen.index_add_(0, index, torch.ones_like(index))
+    if not shards or not bool((seen == 1).all()):
+        raise ValueError(
+            f"The shards in {cache_dir!r} do not hold each of the {num_samples} samples exactly once. All processes "
+            "must write to the same directory (a shared file system when training on several machines)."
+        )
+    if len(shapes) != 1 or len(has_labels) != 1:
+        raise ValueError(
+            f"The shards in {cache_dir!r} disagree on latent shape {sorted(shapes)} or on having labels: every item "
+            "of the data set must have the same image size, and either all items or none have 'class_labels'."
+        )
+    return {"shards": shards, "latent_shape": list(shapes.pop()), "has_labels": has_labels.pop()}
+
+
+@torch.no_grad()
+def encode_to_cache(
+    accelerator,
+    vae,
+    dataset: Dataset,
+    cache_dir: str,
+    batch_size: int = 64,
+    *,
+    fingerprint: dict,
+    num_workers: int = 0,
+    samples_per_shard: int = 4096,
+    storage_dtype: torch.dtype = torch.float32,
+) -> str:
+    """Encodes `dataset` and its horizontal flip with the frozen `vae` into a latent cache in `cache_dir`.
+
+    Every process of `accelerator` must call this: each encodes its share of the indices (`process_indices`) on its
+    device, then the main process checks the shards and writes `cache_info.json`, which marks the cache complete.
+    Shards and cache info left in `cache_dir` by an earlier run are deleted first.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): Gives the process index, the number of processes and the barrier.
+        vae (`AutoencoderKL`): The frozen VAE, already on `accelerator.device`. Images are encoded in its dtype; keep
+            it in float32 when its config has `force_upcast=True` (as the SD VAEs do), else fp16 may overflow.
+        dataset (`torch.utils.data.Dataset`): Items are dicts with "pixel_values" (a float tensor `(3, R, R)` in
+            [-1, 1]) and, for labelled data, "class_labels" (a long scalar). Build it without random flipping.
+        cache_dir (`str`): The directory to write to; created if absent. All processes must see the same directory.
+        batch_size (`int`, defaults to 64): Images per VAE call on each process. Each call also encodes their flips,
+            so the VAE sees `2 * batch_size` images at a time.
+        fingerprint (`dict`): From `cache_fingerprint`; stored so `check_cache` can tell whether the cache matches.
+        num_workers (`int`, defaults to 0): DataLoader worker processes for reading the images.
+        samples_per_shard (`int`, defaults to 4096): A shard is written once this many samples are buffered (whole
+            batches, so up to `batch_size - 1` more), bounding the memory held before a write.
+        storage_dtype (`torch.dtype`, defaults to `torch.float32`): `torch.float32`, or `torch.float16` to halve the
+            size of the cache (see the module docstring).
+
+    Returns:
+        `cache_dir`.
+    """
+    storage_name = str(storage_dtype).removeprefix("torch.")
+    if storage_name not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype={storage_dtype} is not supported; use torch.float32 or torch.float16.")
+    if batch_size < 1 or samples_per_shard < 1:
+        raise ValueError(f"batch_size={batch_size} and samples_per_shard={samples_per_shard} must be >= 1.")
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise ValueError("The data set to cache is empty; check --train_data_dir / --dataset_name.")
+    if fingerprint.get("num_samples", num_samples) != num_samples:
+        raise ValueError(
+            f"The fingerprint is for {fingerprint['num_samples']} samples but the data set has {num_samples}; build "
+            "the fingerprint with cache_fingerprint(..., num_samples=len(dataset))."
+        )
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ValueError(f"--cache_latents {cache_dir!r} is a file; pass a directory.")
+
+    if accelerator.is_main_process:
+        os.makedirs(cache_dir, exist_ok=True)
+        _remove_stale_files(cache_dir)
+    # No process may write a shard before the main process has finished deleting the old ones.
+    accelerator.wait_for_everyone()
+
+    share = process_indices(num_samples, accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    buffer, buffered, shard_count, has_labels = [], 0, 0, None
+
+    def write_shard():
+        nonlocal buffer, buffered, shard_count
+        tensors = {key: torch.cat([part[key] for part in buffer]) for key in SHARD_TENSORS}
+        name = f"shard-{accelerator.process_index:05d}-{shard_count:05d}.safetensors"
+        _atomic_save(tensors, os.path.join(cache_dir, name), {"has_labels": str(has_labels).lower()})
+        buffer, buffered, shard_count = [], 0, shard_count + 1
+
+    start = share.start
+    for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
+        pixel_values = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
+        n = pixel_values.shape[0]
+        # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
+        posterior = vae.encode(torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])).latent_dist
+        mean, logvar = (t.to("cpu", storage_dtype).contiguous() for t in (posterior.mean, posterior.logvar))
+        batch_has_labels = "class_labels" in batch
+        if has_labels is not None and batch_has_labels != has_labels:
+            raise ValueError("Either all items of the data set or none must have 'class_labels'.")
+        has_labels = batch_has_labels
+        labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
+        buffer.append(
+            {
+                "index": torch.arange(start, start + n),
+                "mean": mean[:n],
+                "logvar": logvar[:n],
+                "flip_mean": mean[n:],
+                "flip_logvar": logvar[n:],
+                "labels": labels.cpu(),
+            }
+        )
+        start, buffered = start + n, buffered + n
+        if buffered >= samples_per_shard:
+            write_shard()
+    if buffer:
+        write_shard()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "fingerprint": _json_safe(fingerprint),
+            "num_samples": num_samples,
+            **_summarize_shards(cache_dir, num_samples),
+            "dtype": storage_name,
+            "vae_dtype": str(vae.dtype).removeprefix("torch."),
+            "scaling_factor": float(vae.config.scaling_factor),
+            "shift_factor": float(vae.config.shift_factor or 0.0),
+        }
+        path = os.path.join(cache_dir, CACHE_INFO_NAME)
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(path + ".tmp", path)
+    # Nobody reads the cache before it is marked complete.
+    accelerator.wait_for_everyone()
+    return cache_dir
+
+
+class CachedLatentDataset(Dataset):
+    """The posterior moments of a complete latent cache, all in memory, in the order of the encoded data set.
+
+    Item `i` is `{"moments": (2, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
+    and `logvar` of its posterior or, with `random_flip`, of its horizontal flip's with probability 0.5 (drawn from
+    torch's global RNG, which DataLoader seeds per worker). "class_labels" is left out for unconditional data.
+    Items are views of one pre-stacked tensor, so the default collate batches them with no file I/O; sample the
+    latents on the device with `sample_latents`.
+
+    Args:
+        cache_dir (`str`): A directory written by `encode_to_cache`.
+        random_flip (`bool`, defaults to `False`): Whether to return the flipped image's moments half of the time.
+
+    Raises:
+        `ValueError`: If the cache is incomplete or corrupt (no `cache_info.json`, a missing or unreadable shard, a
+            missing or repeated index); the message says to delete it and rerun.
+    """
+
+    def __init__(self, cache_dir: str, random_flip: bool = False):
+        self.cache_dir = cache_dir
+        self.random_flip = random_flip
+        rebuild = f"Delete {cache_dir!r} and rerun to rebuild the cache."
+        if not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
+            raise ValueError(f"{cache_dir!r} holds no complete latent cache (no {CACHE_INFO_NAME}). {rebuild}")
+        self.info = _read_cache_info(cache_dir)
+        num_samples, shape = self.info["num_samples"], self.info["latent_shape"]
+        # (N, 2, 2, C, h, w): [sample, unflipped / flipped, mean / logvar]; filled shard by shard to bound peak memory.
+        self.moments = torch.empty(num_samples, 2, 2, *shape, dtype=STORAGE_DTYPES[self.info["dtype"]])
+        self.labels = torch.empty(num_samples, dtype=torch.long)
+        seen = torch.zeros(num_samples, dtype=torch.long)
+        for name in self.info["shards"]:
+            path = os.path.join(cache_dir, name)
+            if not os.path.isfile(path):
+                raise ValueError(f"The latent cache is incomplete: shard {name} is missing. {rebuild}")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    shard = {key: f.get_tensor(key) for key in SHARD_TENSORS}
+            except (SafetensorError, OSError) as err:
+                raise ValueError(
+                    f"The latent cache is corrupt: shard {name} is unreadable ({err}). {rebuild}"
+                ) from err
+            index = shard["index"]
+            if index.numel() and not (0 <= int(index.min()) and int(index.max()) < num_samples):
+                raise ValueError(f"The latent cache is corrupt: shard {name} has indices out of range. {rebuild}")
+            moment_shapes = [list(shard[key].shape) for key in SHARD_TENSORS[1:5]]
+            if moment_shapes != 4 * [[index.numel(), *shape]] or shard["labels"].shape != index.shape:
+                raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong shape. {rebuild}")
+            seen.index_add_(0, index, torch.ones_like(index))
+            for flip, prefix in enumerate(("", "flip_")):
+                self.moments[index, flip, 0] = shard[prefix + "mean"]
+                self.moments[index, flip, 1] = shard[prefix + "logvar"]
+            self.labels[index] = shard["labels"]
+        if not bool((seen == 1).all()):
+            raise ValueError(
+                f"The latent cache is incomplete or corrupt: {int((seen == 0).sum())} of {num_samples} samples are "
+                f"missing and {int((seen > 1).sum())} repeated. {rebuild}"
+            )
+
+    @property
+    def scaling_factor(self) -> float:
+        """The VAE's `scaling_factor`, which brings latents to about unit variance."""
+        return self.info["scaling_factor"]
+
+    @property
+    def shift_factor(self) -> float:
+        """The VAE's `shift_factor` (0.0 for VAEs without one), subtracted before scaling."""
+        return self.info["shift_factor"]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.info["has_labels"]
+
+    def __len__(self) -> int:
+        return self.moments.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        item = {"moments": self.moments[i, int(flip)]}
+        if self.has_labels:
+            item["class_labels"] = self.labels[i]
+        return item
+
+
+def sample_latents(
+    moments: torch.Tensor,
+    scaling_factor: float,
+    shift_factor: float = 0.0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draws `z ~ N(mean, exp(logvar))` from cached moments and scales it for the DiT: `(z - shift) * scaling`.
+
+    Matches diffusers' `DiagonalGaussianDistribution.sample` (logvar clamped to [-30, 20], noise from `randn_tensor`
+    in the moments' dtype), so with the same generator it gives the same `z` as `vae.encode(x).latent_dist.sample`.
+
+    Args:
+        moments (`torch.Tensor`): `(N, 2, C, h, w)` or `(2, C, h, w)`, stacked `[mean, logvar]`. float16 moments
+            are upcast to float32 first.
+        scaling_factor (`float`): `vae.config.scaling_factor` (`CachedLatentDataset.scaling_factor`).
+        shift_factor (`float`, defaults to 0.0): `vae.config.shift_factor`, for VAEs that have one.
+        generator (`torch.Generator` or `list[torch.Generator]`, *optional*): For reproducible noise; one per sample
+            when a list.
+        noise (`torch.Tensor` shaped like the mean, *optional*): Standard normal noise to use instead of drawing it
+            (the trainer draws it per global batch so that results do not depend on the process count).
+    """
+    if moments.dim() < 4 or moments.shape[-4] != 2:
+        raise ValueError(f"moments must have shape (N, 2, C, h, w) or (2, C, h, w), got {tuple(moments.shape)}.")
+    if moments.dtype in (torch.float16, torch.bfloat16):
+        moments = moments.float()
+    mean, logvar = moments.unbind(dim=-4)
+    std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+    if noise is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    elif noise.shape != mean.shape:
+        raise ValueError(f"`noise` has shape {tuple(noise.shape)}, the latents {tuple(mean.shape)}.")
+    return (mean + std * noise.to(mean.dtype) - shift_factor) * scaling_factor

@@ -1,0 +1,328 @@
+"""The latent cache: encoding matches the VAE, fingerprints guard reuse, shards split across processes, and the cached
+dataset and posterior sampling reproduce `vae.encode(x).latent_dist`."""
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+
+from dit_hf.latents import (
+    CachedLatentDataset,
+    cache_fingerprint,
+    check_cache,
+    encode_to_cache,
+    process_indices,
+    sample_latents,
+)
+
+NUM_IMAGES = 10
+LATENT_SHAPE = [4, 8, 8]  # two down blocks: one stride-2 downsample, so 16 px -> 8
+
+
+class ImageDataset(Dataset):
+    """Seeded random images in [-1, 1] with labels `i % 3`, shaped like the trainer's (unflipped) items."""
+
+    def __init__(self, num_images: int = NUM_IMAGES, labels: bool = True):
+        self.pixel_values = torch.rand(num_images, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.pixel_values)
+
+    def __getitem__(self, i):
+        item = {"pixel_values": self.pixel_values[i]}
+        if self.labels:
+            item["class_labels"] = torch.tensor(i % 3)
+        return item
+
+
+class ThreadAccelerator:
+    """The parts of `Accelerator` that `encode_to_cache` uses, for one of several processes simulated by threads."""
+
+    def __init__(self, process_index: int, barrier: threading.Barrier):
+        self.process_index, self.num_processes, self.barrier = process_index, barrier.parties, barrier
+        self.is_main_process = self.is_local_main_process = process_index == 0
+
+    def wait_for_everyone(self):
+        self.barrier.wait()
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+
+
+def fingerprint_for(vae, dataset, resolution: int = 16) -> dict:
+    return cache_fingerprint("tiny-vae", vae.config, "synthetic-seed-0", resolution, True, len(dataset))
+
+
+def encode(vae, dataset, cache_dir, accelerator=None, **kwargs) -> str:
+    # batch_size 3 and samples_per_shard 4: several shards per process, and a short last batch.
+    return encode_to_cache(
+        accelerator or Accelerator(cpu=True),
+        vae,
+        dataset,
+        str(cache_dir),
+        batch_size=3,
+        fingerprint=fingerprint_for(vae, dataset),
+        samples_per_shard=4,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return ImageDataset()
+
+
+@pytest.fixture(scope="module")
+def direct(vae, dataset):
+    """Moments straight from the VAE, for the images and their flips."""
+    with torch.no_grad():
+        plain = vae.encode(dataset.pixel_values).latent_dist
+        flipped = vae.encode(torch.flip(dataset.pixel_values, dims=[-1])).latent_dist
+    return {"mean": plain.mean, "logvar": plain.logvar, "flip_mean": flipped.mean, "flip_logvar": flipped.logvar}
+
+
+@pytest.fixture(scope="module")
+def cache(vae, dataset, tmp_path_factory):
+    """A complete cache shared by the tests of this module (treat it as read-only; copy it to change it)."""
+    return encode(vae, dataset, tmp_path_factory.mktemp("latents") / "cache")
+
+
+def read_shards(cache_dir) -> dict[str, torch.Tensor]:
+    """Every shard of a cache, concatenated in dataset order."""
+    names = sorted(n for n in os.listdir(cache_dir) if n.endswith(".safetensors"))
+    shards = [load_file(os.path.join(cache_dir, n)) for n in names]
+    merged = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+    order = merged["index"].argsort()
+    return {key: value[order] for key, value in merged.items()}
+
+
+def test_cache_matches_direct_encoding(cache, direct, dataset):
+    with open(os.path.join(cache, "cache_info.json")) as f:
+        info = json.load(f)
+    assert info["shards"] == ["shard-00000-00000.safetensors", "shard-00000-00001.safetensors"]  # 6 + 4 samples
+    assert all(os.path.isfile(os.path.join(cache, name)) for name in info["shards"])
+    assert info["num_samples"] == NUM_IMAGES and info["latent_shape"] == LATENT_SHAPE and info["dtype"] == "float32"
+    assert info["scaling_factor"] == pytest.approx(0.18215) and info["shift_factor"] == 0.0
+    assert info["has_labels"] is True and info["fingerprint"]["resolution"] == 16
+
+    stored = read_shards(cache)
+    assert torch.equal(stored["index"], torch.arange(NUM_IMAGES))
+    assert torch.equal(stored["labels"], torch.arange(NUM_IMAGES) % 3)
+    for key in ("mean", "logvar", "flip_mean", "flip_logvar"):
+        torch.testing.assert_close(stored[key], direct[key], atol=1e-5, rtol=0)
+    # The flip really is a different input: its posterior differs from the image's.
+    assert (stored["flip_mean"] - stored["mean"]).abs().max() > 1e-3
+
+
+def test_check_cache(cache, vae, dataset, tmp_path):
+    fingerprint = fingerprint_for(vae, dataset)
+    assert check_cache(str(tmp_path / "absent"), fingerprint) is False
+    assert check_cache(str(tmp_path), fingerprint) is False  # exists but empty
+    assert check_cache(cache, fingerprint) is True
+
+    with pytest.raises(ValueError, match=r"\(resolution differ\).*another --cache_latents directory"):
+        check_cache(cache, fingerprint_for(vae, dataset, resolution=32))
+    other_vae = dict(vae.config, latent_channels=8)
+    with pytest.raises(ValueError, match=r"vae_config\.latent_channels"):
+        check_cache(cache, cache_fingerprint("tiny-vae", other_vae, "synthetic-seed-0", 16, True, NUM_IMAGES))
+
+    interrupted = shutil.copytree(cache, tmp_path / "interrupted")
+    os.remove(interrupted / "cache_info.json")
+    assert check_cache(str(interrupted), fingerprint) is False
+
+
+def test_rerun_rebuilds_an_interrupted_cache(cache, vae, dataset, direct, tmp_path):
+    interrupted = shutil.copytree(cache, tmp_path / "interrupted")
+    os.remove(interrupted / "cache_info.json")
+    # Leftovers of a run with more processes, and a half-written shard: a rebuild must not pick these up.
+    shutil.copy(interrupted / "shard-00000-00000.safetensors", interrupted / "shard-00003-00000.safetensors")
+    (interrupted / "shard-00001-00002.safetensors.tmp").write_bytes(b"partial")
+
+    fingerprint = fingerprint_for(vae, dataset)
+    assert not check_cache(str(interrupted), fingerprint)
+    encode(vae, dataset, interrupted)
+    assert sorted(os.listdir(interrupted)) == [
+        "cache_info.json",
+        "shard-00000-00000.safetensors",
+        "shard-00000-00001.safetensors",
+    ]
+    assert check_cache(str(interrupted), fingerprint)
+    torch.testing.assert_close(read_shards(interrupted)["mean"], direct["mean"], atol=1e-5, rtol=0)
+
+
+def test_complete_cache_is_not_encoded_again(cache, dataset, vae):
+    class ExplodingVAE:
+        def encode(self, x):
+            raise AssertionError("a complete cache must not be encoded again")
+
+    mtimes = {name: os.stat(os.path.join(cache, name)).st_mtime_ns for name in os.listdir(cache)}
+    # The trainer's pattern, from the module docstring.
+    if not check_cache(cache, fingerprint_for(vae, dataset)):
+        encode_to_cache(
+            Accelerator(cpu=True), ExplodingVAE(), dataset, cache, fingerprint=fingerprint_for(vae, dataset)
+        )
+    assert {name: os.stat(os.path.join(cache, name)).st_mtime_ns for name in os.listdir(cache)} == mtimes
+
+
+@pytest.mark.parametrize("num_samples", [0, 2, 3, 10, 11])
+def test_process_indices_cover_every_index_once(num_samples):
+    shares = [process_indices(num_samples, p, 3) for p in range(3)]
+    assert [i for share in shares for i in share] == list(range(num_samples))  # contiguous, in order, no gaps
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    if num_samples == 10:
+        assert shares == [range(0, 4), range(4, 7), range(7, 10)]
+    with pytest.raises(ValueError, match="process_index=3"):
+        process_indices(num_samples, 3, 3)
+
+
+def test_encode_with_three_processes(vae, dataset, direct, tmp_path):
+    barrier = threading.Barrier(3, timeout=60)
+    errors = []
+
+    def run(process_index):
+        try:
+            encode(vae, dataset, tmp_path, accelerator=ThreadAccelerator(process_index, barrier))
+        except Exception as err:  # surfaced below: an exception in a thread would otherwise be lost
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+    with open(tmp_path / "cache_info.json") as f:
+        shards = json.load(f)["shards"]
+    # Shares of 4, 3 and 3 samples (process 0 in batches of 3 + 1), each under samples_per_shard=4: one shard apiece.
+    assert shards == [
+        "shard-00000-00000.safetensors",
+        "shard-00001-00000.safetensors",
+        "shard-00002-00000.safetensors",
+    ]
+    assert load_file(tmp_path / "shard-00001-00000.safetensors")["index"].tolist() == [4, 5, 6]
+    stored = read_shards(tmp_path)
+    assert torch.equal(stored["index"], torch.arange(NUM_IMAGES))
+    torch.testing.assert_close(stored["flip_logvar"], direct["flip_logvar"], atol=1e-5, rtol=0)
+
+
+def test_cached_dataset_items(cache, direct):
+    ds = CachedLatentDataset(cache)
+    assert len(ds) == NUM_IMAGES and ds.scaling_factor == pytest.approx(0.18215) and ds.shift_factor == 0.0
+    for i in (0, 7):
+        item = ds[i]
+        torch.testing.assert_close(item["moments"][0], direct["mean"][i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(item["moments"][1], direct["logvar"][i], atol=1e-5, rtol=0)
+        assert item["class_labels"].dtype == torch.long and item["class_labels"].item() == i % 3
+
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["moments"].shape == (4, 2, *LATENT_SHAPE)
+    assert batch["class_labels"].tolist() == [0, 1, 2, 0]
+
+
+def test_cached_dataset_random_flip_is_seeded(cache, direct):
+    ds = CachedLatentDataset(cache, random_flip=True)
+    plain = torch.stack([direct["mean"], direct["logvar"]], dim=1)
+    flipped = torch.stack([direct["flip_mean"], direct["flip_logvar"]], dim=1)
+
+    def flips():
+        torch.manual_seed(0)
+        flags = []
+        for i in range(NUM_IMAGES):
+            moments = ds[i]["moments"]
+            is_flip = torch.allclose(moments, flipped[i], atol=1e-5)
+            # Each item is exactly one of its two cached posteriors, mean and logvar together.
+            assert is_flip != torch.allclose(moments, plain[i], atol=1e-5)
+            flags.append(is_flip)
+        return flags
+
+    first = flips()
+    assert 0 < sum(first) < NUM_IMAGES  # some items flipped, some not
+    assert flips() == first
+
+
+def test_sample_latents(direct):
+    moments = torch.stack([direct["mean"], direct["logvar"]], dim=1)  # (N, 2, C, h, w)
+    latents = sample_latents(moments, 0.5, shift_factor=0.1, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(direct["mean"].shape, generator=torch.Generator().manual_seed(0))
+    by_hand = (direct["mean"] + torch.exp(0.5 * direct["logvar"]) * noise - 0.1) * 0.5
+    torch.testing.assert_close(latents, by_hand)
+
+    # Same generator, same draw as diffusers' DiagonalGaussianDistribution.sample.
+    posterior = DiagonalGaussianDistribution(torch.cat([direct["mean"], direct["logvar"]], dim=1))
+    posterior_sample = posterior.sample(generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        sample_latents(moments, 1.0, generator=torch.Generator().manual_seed(3)), posterior_sample
+    )
+
+    # logvar is clamped to [-30, 20] as in diffusers, so a huge logvar cannot overflow.
+    extreme = torch.stack([torch.zeros(1, 1, 1), torch.full((1, 1, 1), 1e4)])
+    assert torch.isfinite(sample_latents(extreme, 1.0, generator=torch.Generator().manual_seed(0))).all()
+
+
+def test_cached_dataset_rejects_incomplete_cache(cache, tmp_path):
+    missing = shutil.copytree(cache, tmp_path / "missing")
+    os.remove(missing / "shard-00000-00001.safetensors")
+    with pytest.raises(ValueError, match="incomplete: shard shard-00000-00001.safetensors is missing.*Delete"):
+        CachedLatentDataset(str(missing))
+
+    # A shard replaced by another's copy: indices 0-5 twice and 6-9 never.
+    duplicated = shutil.copytree(cache, tmp_path / "duplicated")
+    shutil.copy(duplicated / "shard-00000-00000.safetensors", duplicated / "shard-00000-00001.safetensors")
+    with pytest.raises(ValueError, match="4 of 10 samples are missing and 6 repeated"):
+        CachedLatentDataset(str(duplicated))
+
+    truncated = shutil.copytree(cache, tmp_path / "truncated")
+    shard = truncated / "shard-00000-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(ValueError, match="corrupt: shard shard-00000-00001.safetensors is unreadable"):
+        CachedLatentDataset(str(truncated))
+
+    with pytest.raises(ValueError, match="no complete latent cache"):
+        CachedLatentDataset(str(tmp_path))
+
+
+def test_unconditional_and_float16_caches(vae, direct, tmp_path):
+    dataset = ImageDataset(labels=False)
+    encode(vae, dataset, tmp_path, storage_dtype=torch.float16)
+    ds = CachedLatentDataset(str(tmp_path))
+    assert not ds.has_labels and set(ds[0]) == {"moments"}
+    assert ds[3]["moments"].dtype == torch.float16
+    torch.testing.assert_close(ds[3]["moments"][0].float(), direct["mean"][3], atol=1e-3, rtol=1e-3)
+    assert sample_latents(ds[3]["moments"], 1.0).dtype == torch.float32
+
+
+def test_encode_rejects_bad_arguments(vae, dataset, tmp_path):
+    with pytest.raises(ValueError, match="storage_dtype=torch.bfloat16"):
+        encode(vae, dataset, tmp_path, storage_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fingerprint is for 10 samples but the data set has 4"):
+        encode_to_cache(
+            Accelerator(cpu=True), vae, ImageDataset(4), str(tmp_path), fingerprint=fingerprint_for(vae, dataset)
+        )
