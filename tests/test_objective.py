@@ -424,20 +424,12 @@ def test_sample_timesteps():
 def test_loss_by_timestep_quartile():
     t = torch.tensor([0, 249, 250, 999, 500, 749, 750])
     losses = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
-    buckets = loss_by_timestep_quartile(t, losses, T)
-    assert buckets == {
-        "loss_q0": (3.0, 2),
-        "loss_q1": (4.0, 1),
-        "loss_q2": (48.0, 2),
-        "loss_q3": (72.0, 2),
-    }
+    stats = loss_by_timestep_quartile(t, losses, T)
+    assert stats.dtype == torch.float64
+    assert stats.tolist() == [[3.0, 4.0, 48.0, 72.0], [2.0, 1.0, 2.0, 2.0]]
     # Empty buckets report (0, 0), and a bucket boundary that is not an integer (T = 10: 2.5, 5, 7.5).
-    assert loss_by_timestep_quartile(torch.tensor([2, 3]), torch.tensor([1.0, 1.0]), 10) == {
-        "loss_q0": (1.0, 1),
-        "loss_q1": (1.0, 1),
-        "loss_q2": (0.0, 0),
-        "loss_q3": (0.0, 0),
-    }
+    stats = loss_by_timestep_quartile(torch.tensor([2, 3]), torch.tensor([1.0, 1.0]), 10)
+    assert stats.tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

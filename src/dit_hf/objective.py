@@ -359,31 +359,24 @@ class DDPMObjective:
         )
 
 
-def loss_by_timestep_quartile(
-    timesteps: torch.Tensor, losses: torch.Tensor, num_train_timesteps: int
-) -> dict[str, tuple[float, int]]:
+def loss_by_timestep_quartile(timesteps: torch.Tensor, losses: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """
-    Sum and count of per-sample losses in each quarter of [0, T): bucket k holds kT/4 <= t < (k+1)T/4.
+    Sums and counts of per-sample losses in each quarter of [0, T): bucket k holds kT/4 <= t < (k+1)T/4.
 
-    Sums and counts, not means, so that results from several steps or processes can be added up (e.g. after
-    `accelerator.gather`) before dividing; averaging per-process means would over-weight processes that drew few
-    samples in a bucket. Log `sum / count` as `loss_q{k}` when `count > 0`.
+    Returns a float64 tensor of shape (2, 4) on the losses' device: row 0 the sums, row 1 the counts. It stays on
+    the device (no host synchronisation on the training hot path), and sums and counts rather than means can be
+    added over steps and processes (e.g. `accelerator.reduce(..., "sum")`) before dividing: averaging per-process
+    means would over-weight processes that drew few samples in a bucket. Log `sums[k] / counts[k]` as `loss_q{k}`.
 
     Args:
         timesteps (`torch.LongTensor` of shape `(N,)`): Timesteps of the samples.
         losses (`torch.Tensor` of shape `(N,)`): Per-sample losses, e.g. `DiffusionLossOutput.loss_per_sample`.
         num_train_timesteps (`int`): T.
-
-    Returns:
-        `dict[str, tuple[float, int]]`: `{"loss_q0": (sum, count), ..., "loss_q3": (sum, count)}`.
     """
     if timesteps.shape != losses.shape:
         raise ValueError(f"`timesteps` {tuple(timesteps.shape)} and `losses` {tuple(losses.shape)} must match.")
-    buckets = (timesteps.long() * 4 // num_train_timesteps).clamp(0, 3)
-    buckets = buckets.to(losses.device)
-    sums = torch.zeros(4, dtype=torch.float32, device=losses.device)
-    sums.index_add_(0, buckets, losses.detach().float())
-    counts = torch.bincount(buckets, minlength=4)
-    # One device-to-host transfer for all eight numbers.
-    sums_list, counts_list = torch.stack([sums, counts.float()]).tolist()
-    return {f"loss_q{k}": (sums_list[k], int(counts_list[k])) for k in range(4)}
+    buckets = (timesteps.to(losses.device).long() * 4 // num_train_timesteps).clamp(0, 3)
+    stats = torch.zeros(2, 4, dtype=torch.float64, device=losses.device)
+    stats[0].index_add_(0, buckets, losses.detach().to(torch.float64))
+    stats[1].index_add_(0, buckets, torch.ones_like(buckets, dtype=torch.float64))
+    return stats

@@ -1,0 +1,259 @@
+"""Pieces of the training loop that `train_dit.py` orchestrates: data order, per-step randomness, checkpoints.
+
+Two choices make runs reproducible across interruptions and process counts:
+
+- The data order is a permutation drawn from (seed, epoch) alone ([`EpochSampler`]); resuming starts the
+  permutation at the saved position instead of loading and discarding the batches already seen.
+- The random draws of an optimizer step (timesteps, noise, label dropout, latent sampling) are made for the whole
+  global batch from a generator seeded by (seed, step) ([`StepRandomness`]); each process takes the rows of its own
+  samples. So 2 processes × batch 4 train exactly like 1 process × batch 4 × 2 accumulation steps.
+"""
+
+import json
+import math
+import netrc
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation of `range(num_samples)` per epoch, fixed by (seed, epoch), optionally started mid-way."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start = 0
+
+    # Not named `set_epoch`: accelerate's data loader calls `set_epoch(its own counter)` on samplers at each pass.
+    def set_position(self, epoch: int, start: int = 0):
+        """Select the epoch's permutation and skip its first `start` samples (global count, all processes)."""
+        self.epoch = epoch
+        self.start = start
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        yield from order[self.start :].tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class StepRandomness:
+    """Draws every random number of one optimizer step for the global batch, then hands out per-process rows.
+
+    Args:
+        seed: Run seed. num_train_timesteps: T. global_batch: per-process batch × processes × accumulation.
+        sample_shape: shape of one training sample (C, H, W). device: where the tensors go.
+        label_dropout: probability of replacing a label by the null class (0 disables).
+        posterior_noise: also draw a noise tensor for sampling cached VAE posteriors.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        num_train_timesteps: int,
+        global_batch: int,
+        sample_shape: tuple[int, ...],
+        device: torch.device,
+        label_dropout: float = 0.0,
+        posterior_noise: bool = False,
+    ):
+        self.seed = seed
+        self.num_train_timesteps = num_train_timesteps
+        self.global_batch = global_batch
+        self.sample_shape = tuple(sample_shape)
+        self.device = device
+        self.label_dropout = label_dropout
+        self.posterior_noise = posterior_noise
+        self._step = None
+        self._draws = None
+
+    def _draw(self, step: int) -> dict[str, torch.Tensor]:
+        # CPU generator: the same numbers on any device and any number of processes.
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        n = self.global_batch
+        draws = {
+            "timesteps": torch.randint(0, self.num_train_timesteps, (n,), generator=g),
+            "noise": torch.randn((n, *self.sample_shape), generator=g),
+        }
+        if self.label_dropout > 0:
+            draws["drop"] = torch.rand(n, generator=g) < self.label_dropout
+        if self.posterior_noise:
+            draws["posterior_noise"] = torch.randn((n, *self.sample_shape), generator=g)
+        return draws
+
+    def rows(self, step: int, offset: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """The draws for samples `offset : offset + batch_size` of step `step`'s global batch."""
+        if offset + batch_size > self.global_batch:
+            raise ValueError(f"Rows {offset}:{offset + batch_size} exceed the global batch of {self.global_batch}.")
+        if step != self._step:
+            self._step, self._draws = step, self._draw(step)
+        return {k: v[offset : offset + batch_size].to(self.device, non_blocking=True) for k, v in self._draws.items()}
+
+
+def sample_offset(micro_step: int, process_index: int, num_processes: int, batch_size: int) -> int:
+    """Position of a process's micro-batch in the global batch.
+
+    accelerate hands batch j of the sampler to process j % num_processes, so within one optimizer step the k-th
+    micro-batch of process r is batch k * num_processes + r.
+    """
+    return (micro_step * num_processes + process_index) * batch_size
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint records besides the accelerate state: where training is."""
+
+    global_step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0  # global count of samples of this epoch already consumed
+    skipped_steps: int = 0  # fp16 steps with inf/NaN gradients, not applied
+
+    def save(self, directory: str):
+        with open(os.path.join(directory, TRAINER_STATE), "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str) -> "TrainerState":
+        with open(os.path.join(directory, TRAINER_STATE)) as f:
+            return cls(**json.load(f))
+
+
+def list_checkpoints(checkpoints_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (those with a trainer state) as sorted (step, path) pairs; partial ones are ignored."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoints_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        path = os.path.join(checkpoints_dir, name)
+        if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume_path(resume_from_checkpoint: str, checkpoints_dir: str) -> str | None:
+    """`latest` -> the newest complete checkpoint (None if there is none yet); a path -> that checkpoint."""
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1][1] if found else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(checkpoints_dir, path)):
+        path = os.path.join(checkpoints_dir, path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such checkpoint folder. Pass 'latest' or a "
+            f"folder like {os.path.join(checkpoints_dir, 'checkpoint-1000')}."
+        )
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        raise ValueError(
+            f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {TRAINER_STATE}); it may be from an "
+            "interrupted save. Pass 'latest' to use the newest complete one."
+        )
+    return path
+
+
+def check_checkpoint_config(checkpoint: str, model_config: dict, subfolder: str = "transformer"):
+    """Refuse to resume a checkpoint of a different model: list the differing config entries."""
+    path = os.path.join(checkpoint, subfolder, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    differ = {}
+    for key, value in model_config.items():
+        if key.startswith("_"):
+            continue
+        old = saved.get(key)
+        if isinstance(value, tuple):
+            value = list(value)
+        if old != value:
+            differ[key] = (old, value)
+    if differ:
+        lines = ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in sorted(differ.items()))
+        raise ValueError(
+            f"Checkpoint {checkpoint} was trained with a different model ({lines}). Use the same model arguments "
+            "to resume, or start a new run in another --output_dir."
+        )
+
+
+def atomic_checkpoint(accelerator, checkpoints_dir: str, step: int, write_extra) -> str:
+    """Save the accelerate state into a hidden temporary folder, then rename it to `checkpoint-{step}`.
+
+    `write_extra(tmp_dir)` runs on the main process after `save_state` (trainer state, EMA folders). The trainer
+    state is written last, and only a renamed folder counts as a checkpoint, so a crash at any point leaves the
+    previous checkpoints and `latest` intact.
+    """
+    final = os.path.join(checkpoints_dir, f"checkpoint-{step}")
+    tmp = os.path.join(checkpoints_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process:
+        os.makedirs(checkpoints_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            write_extra(tmp)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):  # re-saving a step (e.g. after a resume): swap, then drop the old copy
+            old = os.path.join(checkpoints_dir, f".old-checkpoint-{step}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(checkpoints_dir: str, total_limit: int | None) -> list[str]:
+    """Delete the oldest complete checkpoints beyond `total_limit`; returns the removed paths."""
+    if not total_limit:
+        return []
+    found = list_checkpoints(checkpoints_dir)
+    removed = [path for _, path in found[: max(0, len(found) - total_limit)]]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def dit_train_flops_per_sample(hidden_size: int, depth: int, num_tokens: int) -> float:
+    """FLOPs of one training step per sample: 3 × forward (forward + backward ≈ 2 × forward).
+
+    Per block and token: qkv + proj + MLP are 12 d² multiply-adds (24 d² FLOPs); attention scores and their
+    application are 2 T d multiply-adds (4 T d FLOPs). Embedders and the final layer are negligible.
+    """
+    forward = depth * (24 * num_tokens * hidden_size**2 + 4 * num_tokens**2 * hidden_size)
+    return 3.0 * forward
+
+
+def wandb_has_credentials() -> bool:
+    """Whether wandb can log online: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def num_update_steps(batches_per_epoch: int, gradient_accumulation_steps: int) -> int:
+    return max(1, math.ceil(batches_per_epoch / gradient_accumulation_steps))

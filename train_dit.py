@@ -1,0 +1,675 @@
+#!/usr/bin/env python
+"""Train a class-conditional Diffusion Transformer with accelerate.
+
+The embedded default (scikit-learn's digits in pixel space; a few minutes on a laptop CPU):
+
+    accelerate launch train_dit.py
+
+ImageNet-style folder in the latent space of a VAE, on one GPU (latents encoded once and cached):
+
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml train_dit.py \\
+        --train_data_dir /data/imagenet/train --resolution 256 --vae stabilityai/sd-vae-ft-ema \\
+        --cache_latents /data/cache/imagenet-256 --model DiT-XL/2 --train_batch_size 256 \\
+        --mixed_precision bf16 --ema_decay 0.9999 --max_train_steps 400000 --checkpointing_steps 10000
+
+Several GPUs or nodes: the same command with another file of accelerate_configs/ (see README.md there).
+Resume: add `--resume_from_checkpoint latest`. Publish: add `--push_to_hub --hub_model_id user/name`.
+"""
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from dit_hf import DiTModel, DiTPipeline
+from dit_hf.data import (
+    ImageLabelDataset,
+    build_transform,
+    check_labels,
+    check_resolution,
+    class_names,
+    drop_unreadable_images,
+    infer_num_classes,
+    load_image_dataset,
+    resolve_columns,
+    select_subset,
+)
+from dit_hf.ema import EMAModels, parse_ema_decays
+from dit_hf.latents import CachedLatentDataset, cache_fingerprint, check_cache, encode_to_cache, sample_latents
+from dit_hf.modeling_dit import DIT_PRESETS
+from dit_hf.objective import DDPMObjective, loss_by_timestep_quartile, make_ddpm_scheduler
+from dit_hf.pipeline_dit import image_grid
+from dit_hf.training import (
+    EpochSampler,
+    StepRandomness,
+    TrainerState,
+    atomic_checkpoint,
+    check_checkpoint_config,
+    dit_train_flops_per_sample,
+    num_update_steps,
+    prune_checkpoints,
+    resolve_resume_path,
+    sample_offset,
+    wandb_has_credentials,
+)
+
+logger = get_logger(__name__)
+
+# Settings of the embedded default run (no data set given): a narrow DiT-S/2 on 8×8 grayscale digits.
+DIGITS_DEFAULTS = dict(
+    resolution=8,
+    image_channels=1,
+    random_flip=False,
+    model="DiT-S/2",
+    hidden_size=128,
+    depth=4,
+    num_heads=4,
+    train_batch_size=64,
+    learning_rate=1e-3,
+    lr_warmup_steps=100,
+    max_train_steps=3000,
+    ema_decay="0.999",
+    checkpointing_steps=1000,
+    validation_steps=1000,
+    output_dir="outputs/dit-digits",
+)
+# Settings for a data set given by the user: the paper's ImageNet recipe.
+DATASET_DEFAULTS = dict(
+    resolution=256,
+    image_channels=3,
+    random_flip=True,
+    model="DiT-XL/2",
+    train_batch_size=32,
+    learning_rate=1e-4,
+    lr_warmup_steps=0,
+    ema_decay="0.9999",
+    checkpointing_steps=5000,
+    validation_steps=5000,
+    output_dir="outputs/dit",
+)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data (none given: scikit-learn's digits)")
+    data.add_argument("--dataset_name", default=None, help="Anything datasets.load_dataset takes: Hub id or path.")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_data_dir", default=None, help="Image folder with one subfolder per class.")
+    data.add_argument("--image_column", default=None)
+    data.add_argument("--label_column", default=None, help="Default: auto-detected; none found -> unconditional.")
+    data.add_argument("--cache_dir", default=None, help="datasets / Hub cache.")
+    data.add_argument("--resolution", type=int, default=None)
+    data.add_argument("--image_channels", type=int, choices=(1, 3), default=None)
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="ADM center crop.")
+    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None)
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--max_bad_image_fraction", type=float, default=0.01)
+    data.add_argument("--num_classes", type=int, default=None, help="Default: from the data set's labels.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=None, choices=sorted(DIT_PRESETS), help="Paper size; overridable below.")
+    model.add_argument("--hidden_size", type=int, default=None)
+    model.add_argument("--depth", type=int, default=None)
+    model.add_argument("--num_heads", type=int, default=None)
+    model.add_argument("--patch_size", type=int, default=None)
+    model.add_argument("--mlp_ratio", type=float, default=4.0)
+    model.add_argument("--class_dropout_prob", type=float, default=0.1)
+    model.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=True)
+    model.add_argument("--timestep_freq_shift", type=int, choices=(0, 1), default=0)
+    model.add_argument("--num_train_timesteps", type=int, default=1000)
+    model.add_argument("--beta_schedule", default="linear", choices=("linear", "squaredcos_cap_v2"))
+    model.add_argument("--vae", default=None, help="AutoencoderKL repo id or path: train in its latent space.")
+    model.add_argument("--vae_subfolder", default=None, help="E.g. 'vae' for a full pipeline repo.")
+    model.add_argument("--cache_latents", default=None, metavar="DIR", help="Encode the data once into DIR.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=None, help="Per process.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--max_train_steps", type=int, default=None)
+    optim.add_argument("--num_train_epochs", type=int, default=None)
+    optim.add_argument("--learning_rate", type=float, default=None)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
+    optim.add_argument(
+        "--lr_scheduler", default="constant", choices=("constant", "constant_with_warmup", "cosine", "linear")
+    )
+    optim.add_argument("--lr_warmup_steps", type=int, default=None)
+    optim.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    optim.add_argument("--allow_tf32", action="store_true")
+    optim.add_argument("--gradient_checkpointing", action="store_true")
+    optim.add_argument("--compile", action="store_true", help="torch.compile each DiT block (regional).")
+    optim.add_argument("--ema_decay", default=None, help="One or several rates: '0.9999' or '0.999,0.9999'.")
+    optim.add_argument("--seed", type=int, default=0)
+
+    out = parser.add_argument_group("outputs, checkpoints, logging")
+    out.add_argument("--output_dir", default=None)
+    out.add_argument("--checkpointing_steps", type=int, default=None)
+    out.add_argument("--checkpoints_total_limit", type=int, default=None)
+    out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    out.add_argument("--report_to", default="wandb", choices=("wandb", "tensorboard", "all", "none"))
+    out.add_argument("--tracker_project_name", default="dit-hf")
+    out.add_argument("--logging_steps", type=int, default=10)
+    out.add_argument("--peak_tflops", type=float, default=None, help="Accelerator peak TFLOP/s, to log MFU.")
+    out.add_argument("--validation_steps", type=int, default=None)
+    out.add_argument("--validation_classes", type=int, nargs="+", default=None, help="Default: up to 10 classes.")
+    out.add_argument("--num_samples_per_class", type=int, default=8, help="Columns of the sample grids.")
+    out.add_argument("--guidance_scale", type=float, default=2.0, help="For validation and final samples.")
+    out.add_argument("--num_inference_steps", type=int, default=100, help="DDPM steps for the sample grids.")
+    out.add_argument("--push_to_hub", action="store_true")
+    out.add_argument("--hub_model_id", default=None)
+    out.add_argument("--hub_token", default=None, help="Default: the saved `hf auth login` token.")
+    out.add_argument("--hub_private_repo", action="store_true")
+    out.add_argument("--push_checkpoints", action="store_true", help="Also upload every checkpoint.")
+
+    args = parser.parse_args(input_args)
+    defaults = DATASET_DEFAULTS if (args.dataset_name or args.train_data_dir) else DIGITS_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    if args.dataset_name and args.train_data_dir:
+        raise ValueError("Give --dataset_name or --train_data_dir, not both.")
+    if args.cache_latents and not args.vae:
+        raise ValueError("--cache_latents stores VAE latents: also pass --vae.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "--mixed_precision fp16 needs a CUDA GPU (no GPU found). Use --mixed_precision bf16 or no on CPU."
+        )
+    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
+    if args.report_to == "none":
+        args.report_to = None
+    parse_ema_decays(args.ema_decay)  # raises with the fix on a bad spec
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(output_dir: str):
+    """Fail before any work if the outputs could not be written."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--output_dir {output_dir!r} is not writable ({err}); choose another folder.") from err
+
+
+def build_model(args, num_classes: int, in_channels: int, sample_size: int) -> DiTModel:
+    overrides = {k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")}
+    return DiTModel.from_preset(
+        args.model,
+        **{k: v for k, v in overrides.items() if v is not None},
+        sample_size=sample_size,
+        in_channels=in_channels,
+        mlp_ratio=args.mlp_ratio,
+        num_classes=num_classes,
+        class_dropout_prob=args.class_dropout_prob if num_classes > 0 else 0.0,
+        learn_sigma=args.learn_sigma,
+        timestep_freq_shift=args.timestep_freq_shift,
+    )
+
+
+def load_vae(args, dtype):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder, cache_dir=args.cache_dir)
+    vae.requires_grad_(False)
+    return vae.eval().to(dtype=dtype)
+
+
+def setup_trackers(args, accelerator):
+    if not args.report_to:
+        return
+    if args.report_to in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise ValueError(
+                "--report_to wandb needs `pip install wandb` (or use --report_to tensorboard|none)."
+            ) from err
+        if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+            # No key: log to disk instead of failing or waiting for a login prompt.
+            os.environ["WANDB_MODE"] = "offline"
+            logger.info(
+                "wandb: no API key found, logging offline under %s; upload later with `wandb sync %s`",
+                os.path.join(args.output_dir, "wandb"),
+                os.path.join(args.output_dir, "wandb", "offline-run-*"),
+                main_process_only=True,
+            )
+        os.environ.setdefault("WANDB_DIR", args.output_dir)
+    config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(args.tracker_project_name, config=config)
+
+
+def log_image(accelerator, grid, step: int, name: str = "samples"):
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(grid)]}, step=step)
+
+
+def make_pipeline(args, model, scheduler_config, vae, id2label) -> DiTPipeline:
+    from diffusers import DDPMScheduler
+
+    return DiTPipeline(
+        transformer=model, scheduler=DDPMScheduler.from_config(scheduler_config), vae=vae, id2label=id2label
+    )
+
+
+def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, seed: int = 0):
+    """One row per class (or one row of unconditional samples), same seed every time."""
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    if classes:
+        labels = [c for c in classes for _ in range(per_class)]
+        images = pipe(
+            class_labels=labels,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.num_inference_steps,
+            generator=generator,
+        ).images
+    else:
+        labels = None
+        images = pipe(num_images=per_class, num_inference_steps=args.num_inference_steps, generator=generator).images
+    return images, labels, image_grid(images, cols=per_class)
+
+
+def main(args: argparse.Namespace) -> dict:
+    start_time = time.time()
+    logging_dir = os.path.join(args.output_dir, "logs")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on CPU.")
+    # Each process seeds differently (e.g. data augmentation in workers); the diffusion noise comes from
+    # StepRandomness, which is the same for every process layout.
+    set_seed(args.seed, device_specific=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        ds = load_image_dataset(
+            args.dataset_name, args.train_data_dir, args.dataset_config_name, cache_dir=args.cache_dir
+        )
+        image_column, label_column = resolve_columns(ds, args.image_column, args.label_column)
+        ds = select_subset(ds, args.max_train_samples, seed=args.seed)
+        if args.train_data_dir or args.dataset_name:
+            # Decodes every image once, in parallel; only the subset that will be trained on.
+            num_proc = max(1, min(os.cpu_count() or 1, 16)) if len(ds) > 10_000 else None
+            ds, bad = drop_unreadable_images(ds, image_column, args.max_bad_image_fraction, num_proc=num_proc)
+            if bad:
+                logger.warning("Skipped %d unreadable images, e.g. %s", len(bad), [p for _, p in bad[:5]])
+    num_classes = args.num_classes if args.num_classes is not None else (infer_num_classes(ds, label_column) or 0)
+    if label_column is None:
+        num_classes = 0
+    check_labels(ds, label_column, num_classes)
+    names = class_names(ds, label_column) if num_classes else None
+    id2label = {i: n for i, n in enumerate(names)} if names else None
+
+    vae = None
+    latent_factor, in_channels = 1, args.image_channels
+    if args.vae:
+        vae = load_vae(args, torch.float32)
+        latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        in_channels = vae.config.latent_channels
+    patch_size = args.patch_size or DIT_PRESETS[args.model]["patch_size"]
+    check_resolution(args.resolution, patch_size, latent_factor)
+    sample_size = args.resolution // latent_factor
+
+    transform = build_transform(
+        args.resolution, args.center_crop, args.random_flip and not args.cache_latents, args.image_channels
+    )
+    train_dataset = ImageLabelDataset(ds, image_column, label_column if num_classes else None, transform)
+    cached = None
+    if args.cache_latents:
+        fingerprint = cache_fingerprint(
+            args.vae, dict(vae.config), getattr(ds, "_fingerprint", ""), args.resolution, args.center_crop, len(ds)
+        )
+        if not check_cache(args.cache_latents, fingerprint):
+            vae.to(accelerator.device)
+            encode_to_cache(accelerator, vae, train_dataset, args.cache_latents, fingerprint=fingerprint)
+        accelerator.wait_for_everyone()
+        cached = CachedLatentDataset(args.cache_latents, random_flip=args.random_flip)
+        train_dataset = cached
+
+    sampler = EpochSampler(len(train_dataset), seed=args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.dataloader_num_workers > 0,
+    )
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"The data set has {len(train_dataset)} samples, fewer than one batch of {args.train_batch_size}: "
+            "lower --train_batch_size or add data."
+        )
+
+    # ---- model, objective, optimiser ---------------------------------------------------------------------------
+    # Initial weights depend on --seed alone, not on what consumed the global RNG before (e.g. latent caching).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = build_model(args, num_classes, in_channels, sample_size)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    scheduler = make_ddpm_scheduler(args.num_train_timesteps, args.beta_schedule, args.learn_sigma)
+    objective = DDPMObjective(scheduler, learn_sigma=args.learn_sigma)
+    ema = EMAModels(model, parse_ema_decays(args.ema_decay))
+    accelerator.register_for_checkpointing(ema)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=torch.cuda.is_available(),
+    )
+    batches_per_epoch = len(train_dataloader) // accelerator.num_processes
+    steps_per_epoch = num_update_steps(batches_per_epoch, args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = (args.num_train_epochs or 1) * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # accelerate steps a prepared scheduler once per process: count in process-steps.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    if args.compile:
+        model.compile_repeated_blocks(fullgraph=True)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    ema.to(accelerator.device)
+    if vae is not None:
+        vae.to(accelerator.device)
+
+    def save_model_hook(models, weights, output_dir):
+        # Checkpoints hold diffusers folders (loadable with from_pretrained) instead of raw state dicts.
+        if accelerator.is_main_process:
+            for m in models:
+                accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "transformer"))
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        for _ in range(len(models)):
+            m = models.pop()
+            loaded = DiTModel.from_pretrained(input_dir, subfolder="transformer")
+            accelerator.unwrap_model(m).load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    checkpoints_dir = os.path.join(args.output_dir, "checkpoints")
+    state = TrainerState()
+    if args.resume_from_checkpoint:
+        path = resolve_resume_path(args.resume_from_checkpoint, checkpoints_dir)
+        if path is None:
+            logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints_dir)
+        else:
+            check_checkpoint_config(path, dict(accelerator.unwrap_model(model).config))
+            accelerator.load_state(path)
+            state = TrainerState.load(path)
+            logger.info("Resumed from %s at step %d.", path, state.global_step)
+
+    setup_trackers(args, accelerator)
+    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    randomness = StepRandomness(
+        args.seed,
+        args.num_train_timesteps,
+        global_batch,
+        (in_channels, sample_size, sample_size),
+        accelerator.device,
+        label_dropout=args.class_dropout_prob if num_classes else 0.0,
+        posterior_noise=vae is not None,
+    )
+    unwrapped = accelerator.unwrap_model(model)
+    flops_per_sample = dit_train_flops_per_sample(
+        unwrapped.config.hidden_size, unwrapped.config.depth, (sample_size // patch_size) ** 2
+    )
+    validation_classes = args.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    def write_checkpoint_extras(directory):
+        for i, decay in enumerate(ema.decays):
+            ema.averaged_model(unwrapped, i).save_pretrained(os.path.join(directory, f"ema_{decay}"))
+        state.save(directory)
+
+    logger.info(
+        "%d samples, %d classes, model %s (%.2fM parameters), %d steps of %d samples (%d processes)",
+        len(train_dataset),
+        num_classes,
+        args.model,
+        sum(p.numel() for p in unwrapped.parameters()) / 1e6,
+        args.max_train_steps,
+        global_batch,
+        accelerator.num_processes,
+    )
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=state.global_step,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+    )
+    # Running sums stay on the device between log steps: no host synchronisation inside the loop.
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, micro-batches, grad norm
+    quartiles = torch.zeros(2, 4, dtype=torch.float64, device=accelerator.device)
+    window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
+    model.train()
+    done = state.global_step >= args.max_train_steps
+    micro_step = 0
+    for epoch in range(state.epoch, num_epochs):
+        if done:
+            break
+        state.epoch = epoch
+        sampler.set_position(epoch, start=state.samples_in_epoch)
+        for batch in train_dataloader:
+            labels = batch.get("class_labels") if num_classes else None
+            n = (batch["moments"] if cached is not None else batch["pixel_values"]).shape[0]
+            offset = sample_offset(micro_step, accelerator.process_index, accelerator.num_processes, n)
+            draws = randomness.rows(state.global_step, offset, n)
+            with torch.no_grad():
+                if cached is not None:
+                    moments = batch["moments"]
+                    x0 = sample_latents(
+                        moments, cached.scaling_factor, cached.shift_factor, noise=draws["posterior_noise"]
+                    )
+                elif vae is not None:
+                    posterior = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
+                    moments = torch.stack([posterior.mean, posterior.logvar], dim=1)
+                    shift = getattr(vae.config, "shift_factor", None) or 0.0
+                    x0 = sample_latents(moments, vae.config.scaling_factor, shift, noise=draws["posterior_noise"])
+                else:
+                    x0 = batch["pixel_values"]
+            # Label dropout drawn by StepRandomness rather than inside the model, for the same reason as the noise.
+            denoiser = functools.partial(model, force_drop_ids=draws.get("drop"))
+            with accelerator.accumulate(model):
+                out = objective(denoiser, x0, labels, timesteps=draws["timesteps"], noise=draws["noise"])
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    sums[2] += grad_norm.detach().to(sums.device, torch.float64)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            sums[0] += out.loss.detach().to(torch.float64)
+            sums[1] += 1
+            window["samples"] += n * accelerator.num_processes
+            quartiles += loss_by_timestep_quartile(out.timesteps, out.loss_per_sample, args.num_train_timesteps)
+            micro_step += 1
+            state.samples_in_epoch += n * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            micro_step = 0
+            if accelerator.optimizer_step_was_skipped:
+                state.skipped_steps += 1  # fp16 overflow: the update was not applied, so nor is the EMA
+            else:
+                ema.update(unwrapped)
+            state.global_step += 1
+            window["sync"] += 1
+            progress.update(1)
+
+            if state.global_step % args.logging_steps == 0 or state.global_step == args.max_train_steps:
+                elapsed = time.perf_counter() - window["t0"]
+                totals = accelerator.reduce(sums.clone(), reduction="sum").cpu()
+                qsum = accelerator.reduce(quartiles.clone(), reduction="sum").cpu()
+                imgs_per_s = window["samples"] / elapsed
+                logs = {
+                    "loss": (totals[0] / totals[1]).item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "img_per_s": imgs_per_s,
+                    "epoch": epoch,
+                    "skipped_steps": state.skipped_steps,
+                }
+                if args.max_grad_norm > 0:
+                    # Every process clips the same all-reduced gradients: average over steps only.
+                    logs["grad_norm"] = (totals[2] / accelerator.num_processes / max(1, window["sync"])).item()
+                for k in range(4):
+                    if qsum[1, k] > 0:
+                        logs[f"loss_q{k}"] = (qsum[0, k] / qsum[1, k]).item()
+                if args.peak_tflops:
+                    logs["mfu"] = imgs_per_s * flops_per_sample / (args.peak_tflops * 1e12 * accelerator.num_processes)
+                if torch.cuda.is_available():
+                    logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                accelerator.log(logs, step=state.global_step)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{imgs_per_s:.0f}")
+                if accelerator.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
+                sums.zero_()
+                quartiles.zero_()
+
+            if state.global_step % args.checkpointing_steps == 0 or state.global_step == args.max_train_steps:
+                path = atomic_checkpoint(accelerator, checkpoints_dir, state.global_step, write_checkpoint_extras)
+                if accelerator.is_main_process:
+                    for removed in prune_checkpoints(checkpoints_dir, args.checkpoints_total_limit):
+                        logger.info("Removed old checkpoint %s", removed)
+                    if args.push_to_hub and args.push_checkpoints:
+                        from dit_hf.hub import push_checkpoint
+
+                        push_checkpoint(path, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+
+            if (
+                args.validation_steps
+                and state.global_step % args.validation_steps == 0
+                and accelerator.is_main_process
+            ):
+                pipe = make_pipeline(args, ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
+                _, _, grid = sample_grid(
+                    pipe, validation_classes, args.num_samples_per_class, args, accelerator.device
+                )
+                os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+                grid.save(os.path.join(args.output_dir, "samples", f"step-{state.global_step:07d}.png"))
+                log_image(accelerator, grid, state.global_step)
+
+            if state.global_step >= args.max_train_steps:
+                done = True
+                break
+        if not done:
+            state.samples_in_epoch = 0
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
+    summary = {"steps": state.global_step, "output_dir": args.output_dir}
+    if accelerator.is_main_process:
+        pipe = make_pipeline(args, ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
+        pipe.save_pretrained(args.output_dir)
+        for i, decay in enumerate(ema.decays[1:], start=1):
+            ema.averaged_model(unwrapped, i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
+        all_classes = list(range(num_classes)) if num_classes else None
+        images, labels, grid = sample_grid(pipe, all_classes, args.num_samples_per_class, args, accelerator.device)
+        grid_path = os.path.join(args.output_dir, "samples.png")
+        grid.save(grid_path)
+        log_image(accelerator, grid, state.global_step, name="final_samples")
+        metrics = {}
+        if not (args.dataset_name or args.train_data_dir) and labels is not None:
+            from dit_hf.evaluation import digits_accuracy
+
+            metrics["digits_accuracy"] = digits_accuracy(images, labels)
+            accelerator.log({"digits_accuracy": metrics["digits_accuracy"]}, step=state.global_step)
+        summary.update(metrics)
+        summary["time_s"] = round(time.time() - start_time, 1)
+        summary["samples"] = grid_path
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if args.push_to_hub:
+            from dit_hf.hub import safe_push, write_model_card
+
+            write_model_card(
+                args.output_dir,
+                args.hub_model_id,
+                vars(args),
+                args.dataset_name or args.train_data_dir or "scikit-learn digits",
+                num_classes,
+                names,
+                "samples.png",
+                metrics,
+            )
+            summary["pushed"] = safe_push(
+                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
+            )
+        accuracy = f", digit accuracy {metrics['digits_accuracy']:.1%}" if "digits_accuracy" in metrics else ""
+        print(
+            f"Done: {state.global_step} steps in {summary['time_s']:.0f} s{accuracy}. Pipeline: {args.output_dir}, "
+            f"samples: {grid_path}, logs: {logging_dir}, checkpoints: {checkpoints_dir}"
+        )
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        summary = main(parse_args())
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train_dit.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if summary.get("pushed") is False:
+        sys.exit(1)
