@@ -302,7 +302,12 @@ def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, s
     else:
         labels = None
         images = pipe(num_images=per_class, num_inference_steps=args.num_inference_steps, generator=generator).images
-    return images, labels, image_grid(images, cols=per_class)
+    grid = image_grid(images, cols=per_class)
+    # Tiny images (8×8 digits) are enlarged with nearest neighbour so the grid is viewable.
+    scale = max(1, 64 // images[0].height)
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
+    return images, labels, grid
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -659,7 +664,7 @@ def main(args: argparse.Namespace) -> dict:
         accuracy = f", digit accuracy {metrics['digits_accuracy']:.1%}" if "digits_accuracy" in metrics else ""
         print(
             f"Done: {state.global_step} steps in {summary['time_s']:.0f} s{accuracy}. Pipeline: {args.output_dir}, "
-            f"samples: {grid_path}, logs: {logging_dir}, checkpoints: {checkpoints_dir}"
+            f"samples: {grid_path}, metrics: {metrics_path}, checkpoints: {checkpoints_dir}"
         )
     accelerator.end_training()
     return summary

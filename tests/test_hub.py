@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import zlib
 
 import huggingface_hub
@@ -310,3 +311,42 @@ def test_pushed_pipeline_downloads_and_samples_the_same(tmp_path, hub, saved_pip
     images = DiTPipeline.from_pretrained(folder)(generator=gen(0), **kwargs).images
     assert images.shape == (2, 8, 8, 3)
     assert (images == expected).all()
+
+
+def run_trainer(output_dir, *extra):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train_dit
+
+    args = [
+        "--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--train_batch_size", "8",
+        "--max_train_samples", "32", "--num_inference_steps", "2", "--num_samples_per_class", "1",
+        "--report_to", "none", "--validation_steps", "0", "--max_train_steps", "2", "--checkpointing_steps", "2",
+        "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+    return train_dit.main(train_dit.parse_args(args))
+
+
+def test_trainer_pushes_its_pipeline_with_a_model_card(tmp_path, hub, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    out = tmp_path / "run"
+    summary = run_trainer(out, "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TOKEN)
+    assert summary["pushed"] is True
+    arrived = hub.files(REPO)
+    assert PUSHED <= set(arrived), sorted(arrived)
+    assert not any(name.startswith(("checkpoints/", "logs/")) for name in arrived)
+    assert (
+        arrived["transformer/diffusion_pytorch_model.safetensors"]
+        == (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    card = arrived["README.md"].decode()
+    assert "DiTPipeline.from_pretrained" in card and "trust_remote_code=True" in card and TOKEN not in card
+
+
+def test_trainer_push_failure_keeps_outputs(tmp_path, hub, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    out = tmp_path / "run"
+    summary = run_trainer(out, "--push_to_hub", "--hub_model_id", REPO, "--hub_token", "hf_wrong")
+    assert summary["pushed"] is False
+    assert REPO not in hub.repos or hub.files(REPO) == {}  # the wrong token was refused: nothing arrived
+    for name in ("model_index.json", "samples.png", "README.md", "checkpoints/checkpoint-2/trainer_state.json"):
+        assert (out / name).is_file(), name

@@ -257,3 +257,35 @@ def test_resolution_must_fit_vae_and_patch(tmp_path):
         run(
             tmp_path / "out", "--vae", str(vae), "--resolution", "6", "--image_channels", "3", "--max_train_steps", "1"
         )
+
+
+def test_wandb_without_credentials_logs_offline(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    args = [a for a in TINY_ARGS if a not in ("--report_to", "none")]
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        train_dit.main(train_dit.parse_args([*args, "--output_dir", str(out), "--max_train_steps", "2"]))
+    assert os.environ.get("WANDB_MODE") == "offline"
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert "wandb sync" in caplog.text
+
+
+def test_tensorboard_logs_scalars_and_validation_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    args = [a for a in TINY_ARGS if a not in ("--report_to", "none", "--validation_steps", "0")]
+    out = tmp_path / "run"
+    train_dit.main(train_dit.parse_args([*args, "--report_to", "tensorboard", "--validation_steps", "2",
+                                         "--output_dir", str(out), "--max_train_steps", "4"]))  # fmt: skip
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss", "lr", "img_per_s", "grad_norm"} <= set(events.Tags()["scalars"])
+    assert {"samples", "final_samples"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
