@@ -278,7 +278,7 @@ def log_image(accelerator, grid, step: int, name: str = "samples"):
             tracker.log({name: [wandb.Image(grid)]}, step=step)
 
 
-def make_pipeline(args, model, scheduler_config, vae, id2label) -> DiTPipeline:
+def make_pipeline(model, scheduler_config, vae, id2label) -> DiTPipeline:
     from diffusers import DDPMScheduler
 
     return DiTPipeline(
@@ -606,7 +606,7 @@ def main(args: argparse.Namespace) -> dict:
                 and state.global_step % args.validation_steps == 0
                 and accelerator.is_main_process
             ):
-                pipe = make_pipeline(args, ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
+                pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
                 _, _, grid = sample_grid(
                     pipe, validation_classes, args.num_samples_per_class, args, accelerator.device
                 )
@@ -625,7 +625,7 @@ def main(args: argparse.Namespace) -> dict:
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
-        pipe = make_pipeline(args, ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
+        pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
             ema.averaged_model(unwrapped, i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))

@@ -210,8 +210,10 @@ def test_image_folder_with_a_corrupt_file_and_unconditional_data(tmp_path):
 
 def test_empty_image_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises((ValueError, FileNotFoundError)):
+    with pytest.raises(ValueError, match="contains no image files"):
         run(tmp_path / "out", "--train_data_dir", str(tmp_path / "empty"), "--max_train_steps", "1")
+    with pytest.raises(FileNotFoundError, match="--train_data_dir"):
+        run(tmp_path / "out", "--train_data_dir", str(tmp_path / "missing"), "--max_train_steps", "1")
 
 
 def tiny_vae(path):

@@ -5,8 +5,9 @@ Two choices make runs reproducible across interruptions and process counts:
 - The data order is a permutation drawn from (seed, epoch) alone ([`EpochSampler`]); resuming starts the
   permutation at the saved position instead of loading and discarding the batches already seen.
 - The random draws of an optimizer step (timesteps, noise, label dropout, latent sampling) are made for the whole
-  global batch from a generator seeded by (seed, step) ([`StepRandomness`]); each process takes the rows of its own
-  samples. So 2 processes × batch 4 train exactly like 1 process × batch 4 × 2 accumulation steps.
+  global batch from a generator on the training device seeded by (seed, step) ([`StepRandomness`]); each process
+  takes the rows of its own samples. So 2 processes × batch 4 train exactly like 1 process × batch 4 × 2
+  accumulation steps.
 """
 
 import json
@@ -82,17 +83,19 @@ class StepRandomness:
         self._draws = None
 
     def _draw(self, step: int) -> dict[str, torch.Tensor]:
-        # CPU generator: the same numbers on any device and any number of processes.
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        n = self.global_batch
+        # A generator on the training device, seeded alike on every process: each process draws the same numbers
+        # (at GPU speed, with no host-to-device copy), so the split of the global batch does not matter. Runs on
+        # different device types (CPU vs CUDA) draw different numbers.
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step)
+        n, device = self.global_batch, self.device
         draws = {
-            "timesteps": torch.randint(0, self.num_train_timesteps, (n,), generator=g),
-            "noise": torch.randn((n, *self.sample_shape), generator=g),
+            "timesteps": torch.randint(0, self.num_train_timesteps, (n,), generator=g, device=device),
+            "noise": torch.randn((n, *self.sample_shape), generator=g, device=device),
         }
         if self.label_dropout > 0:
-            draws["drop"] = torch.rand(n, generator=g) < self.label_dropout
+            draws["drop"] = torch.rand(n, generator=g, device=device) < self.label_dropout
         if self.posterior_noise:
-            draws["posterior_noise"] = torch.randn((n, *self.sample_shape), generator=g)
+            draws["posterior_noise"] = torch.randn((n, *self.sample_shape), generator=g, device=device)
         return draws
 
     def rows(self, step: int, offset: int, batch_size: int) -> dict[str, torch.Tensor]:
@@ -101,7 +104,7 @@ class StepRandomness:
             raise ValueError(f"Rows {offset}:{offset + batch_size} exceed the global batch of {self.global_batch}.")
         if step != self._step:
             self._step, self._draws = step, self._draw(step)
-        return {k: v[offset : offset + batch_size].to(self.device, non_blocking=True) for k, v in self._draws.items()}
+        return {k: v[offset : offset + batch_size] for k, v in self._draws.items()}
 
 
 def sample_offset(micro_step: int, process_index: int, num_processes: int, batch_size: int) -> int:
