@@ -127,6 +127,7 @@ class DiTPipeline(DiffusionPipeline):
         return_dict: bool = True,
         guidance_channels: int | None = None,
         num_images: int | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Args:
@@ -143,6 +144,9 @@ class DiTPipeline(DiffusionPipeline):
             guidance_channels (`int`, *optional*): Guide only the first k noise channels and take the others from
                 the conditional branch. `None` guides all; 3 reproduces the released DiT sampler on 4-channel latents.
             num_images (`int`, *optional*): Batch size for an unconditional model (`class_labels=None`).
+            guidance_interval (`tuple[float, float]`, *optional*): Apply guidance only at steps whose noise level
+                `t / num_train_timesteps` lies in `[low, high]` (1.0 is pure noise); other steps run the conditional
+                model alone, which also saves their unconditional forward. `None` guides every step.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images.
@@ -153,6 +157,12 @@ class DiTPipeline(DiffusionPipeline):
             raise ValueError(f"`guidance_scale` must be >= 0 (1.0 disables guidance), got {guidance_scale}.")
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+        if guidance_interval is not None:
+            low, high = guidance_interval
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(
+                    f"`guidance_interval` must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}."
+                )
 
         conditional = self.num_classes > 0
         if conditional:
@@ -201,7 +211,9 @@ class DiTPipeline(DiffusionPipeline):
         was_training = self.transformer.training
         self.transformer.eval()
         try:
-            latents = self._denoise(latents, labels, do_cfg, guidance_scale, guidance_channels, generator)
+            latents = self._denoise(
+                latents, labels, do_cfg, guidance_scale, guidance_channels, generator, guidance_interval
+            )
         finally:
             self.transformer.train(was_training)
 
@@ -219,16 +231,26 @@ class DiTPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
-    def _denoise(self, latents, labels, do_cfg, guidance_scale, guidance_channels, generator) -> torch.Tensor:
+    def _guided_at(self, t: torch.Tensor, guidance_interval: tuple[float, float] | None) -> bool:
+        if guidance_interval is None:
+            return True
+        level = float(t) / self.scheduler.config.num_train_timesteps
+        return guidance_interval[0] <= level <= guidance_interval[1]
+
+    def _denoise(
+        self, latents, labels, do_cfg, guidance_scale, guidance_channels, generator, guidance_interval=None
+    ) -> torch.Tensor:
         latent_channels = latents.shape[1]
         learned_variance = self._uses_learned_variance()
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            guide = do_cfg and self._guided_at(t, guidance_interval)
+            model_input = torch.cat([latents, latents]) if guide else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.to(latents.device).reshape(1).expand(model_input.shape[0])
-            out = self.transformer(model_input, timesteps, labels).sample  # (B, C or 2C, H, W)
+            step_labels = labels if guide or labels is None else labels[: latents.shape[0]]
+            out = self.transformer(model_input, timesteps, step_labels).sample  # (B, C or 2C, H, W)
             eps, rest = out[:, :latent_channels], out[:, latent_channels:]
-            if do_cfg:
+            if guide:
                 k = guidance_channels or latent_channels
                 cond, uncond = eps.chunk(2)
                 guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])

@@ -23,7 +23,9 @@ def sample(pipe, labels=LABELS, seed=0, steps=2, output_type="latent", **kwargs)
     return pipe(labels, num_inference_steps=steps, generator=gen(seed), output_type=output_type, **kwargs).images
 
 
-def manual_sample(model, labels, seed=0, steps=2, guidance_scale=1.0, guidance_channels=None, scheduler=None):
+def manual_sample(
+    model, labels, seed=0, steps=2, guidance_scale=1.0, guidance_channels=None, scheduler=None, interval=(0.0, 1.0)
+):
     """The sampler written out: separate conditional and unconditional forwards, guidance on the first k channels."""
     scheduler = scheduler or ddpm_scheduler()
     scheduler.set_timesteps(steps)
@@ -37,7 +39,7 @@ def manual_sample(model, labels, seed=0, steps=2, guidance_scale=1.0, guidance_c
         for t in scheduler.timesteps:
             out = model(x, t, cond_labels).sample
             eps, variance = out[:, :channels], out[:, channels:]
-            if guidance_scale != 1.0:
+            if guidance_scale != 1.0 and interval[0] <= t / 1000 <= interval[1]:
                 k = guidance_channels or channels
                 eps_u = model(x, t, null_labels).sample[:, :channels]
                 eps = torch.cat([eps_u[:, :k] + guidance_scale * (eps[:, :k] - eps_u[:, :k]), eps[:, k:]], dim=1)
@@ -86,6 +88,29 @@ def test_guidance_is_one_batched_forward(pipe, monkeypatch):
     calls.clear()
     sample(pipe, labels=[1, 2, 5], guidance_scale=1.0)
     assert [(batch, labels.tolist()) for batch, labels in calls] == [(3, [1, 2, 5])] * 2
+
+
+def test_guidance_interval_guides_only_inside_it(pipe, monkeypatch):
+    # 4 DDPM steps at t = 750, 500, 250, 0 (noise levels 0.75 .. 0): guide only the middle two.
+    interval = (0.2, 0.6)
+    latents = sample(pipe, steps=4, guidance_scale=4.0, guidance_interval=interval)
+    expected = manual_sample(pipe.transformer, LABELS, steps=4, guidance_scale=4.0, interval=interval)
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=0)
+    everywhere = sample(pipe, steps=4, guidance_scale=4.0)
+    assert (latents - everywhere).abs().max() > 1e-3
+
+    batches = []
+    forward = pipe.transformer.forward
+
+    def recording_forward(x, t, labels=None, **kwargs):
+        batches.append(x.shape[0])
+        return forward(x, t, labels, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", recording_forward)
+    sample(pipe, steps=4, guidance_scale=4.0, guidance_interval=interval)
+    assert batches == [2, 4, 4, 2]  # the unconditional half runs only inside the interval
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(pipe, guidance_interval=(0.7, 0.2))
 
 
 def test_guided_noise_matches_separate_forwards():
