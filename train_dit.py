@@ -46,7 +46,7 @@ from dit_hf.data import (
     select_subset,
 )
 from dit_hf.ema import EMAModels, parse_ema_decays
-from dit_hf.latents import CachedLatentDataset, cache_fingerprint, check_cache, encode_to_cache, sample_latents
+from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import DIT_PRESETS
 from dit_hf.objective import DDPMObjective, loss_by_timestep_quartile, make_ddpm_scheduler
 from dit_hf.pipeline_dit import image_grid
@@ -373,7 +373,7 @@ def main(args: argparse.Namespace) -> dict:
             vae.to(accelerator.device)
             encode_to_cache(accelerator, vae, train_dataset, args.cache_latents, fingerprint=fingerprint)
         accelerator.wait_for_everyone()
-        cached = CachedLatentDataset(args.cache_latents, random_flip=args.random_flip)
+        cached = BatchedCachedLatents(args.cache_latents, random_flip=args.random_flip)
         train_dataset = cached
 
     sampler = EpochSampler(len(train_dataset), seed=args.seed)
@@ -385,6 +385,8 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
+        # Cached latents come as whole batches (one gather) rather than item by item.
+        collate_fn=BatchedCachedLatents.collate if cached is not None else None,
     )
     if len(train_dataloader) == 0:
         raise ValueError(

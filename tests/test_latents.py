@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from dit_hf.latents import (
+    BatchedCachedLatents,
     CachedLatentDataset,
     cache_fingerprint,
     check_cache,
@@ -245,6 +246,30 @@ def test_cached_dataset_items(cache, direct):
     batch = next(iter(DataLoader(ds, batch_size=4)))
     assert batch["moments"].shape == (4, 2, *LATENT_SHAPE)
     assert batch["class_labels"].tolist() == [0, 1, 2, 0]
+
+
+def test_cached_dataset_batches_in_one_gather(cache, direct):
+    ds = BatchedCachedLatents(cache)
+    loader = DataLoader(ds, batch_size=4, shuffle=False, collate_fn=BatchedCachedLatents.collate)
+    batches = list(loader)
+    assert [b["moments"].shape[0] for b in batches] == [4, 4, 2]
+    moments = torch.cat([b["moments"] for b in batches])
+    torch.testing.assert_close(moments, torch.stack([ds[i]["moments"] for i in range(NUM_IMAGES)]), atol=0, rtol=0)
+    assert torch.cat([b["class_labels"] for b in batches]).tolist() == [i % 3 for i in range(NUM_IMAGES)]
+
+    flipping = BatchedCachedLatents(cache, random_flip=True)
+    plain = torch.stack([direct["mean"], direct["logvar"]], dim=1)
+    flipped = torch.stack([direct["flip_mean"], direct["flip_logvar"]], dim=1)
+    torch.manual_seed(0)
+    order = [5, 1, 9, 6, 2, 0, 3, 8, 7, 4]
+    batch = flipping.__getitems__(order)["moments"]
+    is_flip = [torch.allclose(batch[k], flipped[i], atol=1e-5) for k, i in enumerate(order)]
+    is_plain = [torch.allclose(batch[k], plain[i], atol=1e-5) for k, i in enumerate(order)]
+    assert all(f != p for f, p in zip(is_flip, is_plain)) and 0 < sum(is_flip) < NUM_IMAGES
+    torch.manual_seed(0)
+    assert torch.equal(flipping.__getitems__(order)["moments"], batch)
+    with pytest.raises(TypeError, match="__getitems__"):
+        BatchedCachedLatents.collate([ds[0], ds[1]])
 
 
 def test_cached_dataset_random_flip_is_seeded(cache, direct):

@@ -404,6 +404,32 @@ class CachedLatentDataset(Dataset):
         return item
 
 
+class BatchedCachedLatents(CachedLatentDataset):
+    """[`CachedLatentDataset`] that hands the DataLoader whole batches, made with one gather instead of one view per
+    item and a stack (about 15× faster on CPU at 32×32×4 latents; see bench/bench_loader.py).
+
+    DataLoader calls `__getitems__` with a batch's indices; build it with `collate_fn=BatchedCachedLatents.collate`,
+    which passes the ready batch through. Flips are drawn from torch's global RNG, one per item, like the parent.
+    """
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if self.random_flip:
+            flip = (torch.rand(len(indices)) < 0.5).long()
+        else:
+            flip = torch.zeros(len(indices), dtype=torch.long)
+        batch = {"moments": self.moments[index, flip]}
+        if self.has_labels:
+            batch["class_labels"] = self.labels[index]
+        return batch
+
+    @staticmethod
+    def collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not isinstance(batch, dict):
+            raise TypeError("BatchedCachedLatents.collate expects the dict made by __getitems__, got a list of items.")
+        return batch
+
+
 def sample_latents(
     moments: torch.Tensor,
     scaling_factor: float,

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Sampling throughput: dit-hf's DiTPipeline vs diffusers' DiTPipeline, same weights, scheduler and noise.
+
+The diffusers pipeline gets dit-hf's transformer exported with `dit_to_diffusers` (identical outputs in float32) and
+the same VAE; both sample the same class labels from the same generator seed with classifier-free guidance. The
+script reports images/s (VAE decode included, as users run it) and the largest difference between the two
+pipelines' images, which must be at float32 rounding level in fp32 and within bf16/fp16 tolerance otherwise.
+
+    python bench/bench_sample.py                                            # CPU: tiny config
+    python bench/bench_sample.py --model DiT-XL/2 --latent_size 32 --batch_size 64 --precision fp16 \\
+        --scheduler ddim --steps 50 --modes eager,compile --out bench/results/sample-xl2.json
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, markdown_table, peak_memory_gib, reset_memory, time_iterations, write_results  # noqa: E402
+
+from dit_hf import DiTModel, DiTPipeline  # noqa: E402
+from dit_hf.convert import dit_to_diffusers  # noqa: E402
+
+TINY = dict(hidden_size=128, depth=4, num_heads=4)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The sd-vae-ft-ema/mse architecture (random weights: the cost is the same); a small one on CPU.
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+)
+TINY_VAE = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Default: DiT-XL/2 on CUDA, a tiny DiT-S/2 on CPU.")
+    p.add_argument("--latent_size", type=int, default=None, help="Default: 32 on CUDA, 8 on CPU.")
+    p.add_argument("--batch_size", type=int, default=None, help="Images per batch. Default: 64 on CUDA, 8 on CPU.")
+    p.add_argument("--precision", choices=sorted(DTYPES), default=None, help="Default: fp16 on CUDA, fp32 on CPU.")
+    p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--impls", default="dit-hf,diffusers")
+    p.add_argument("--modes", default="eager", help="eager and/or compile (torch.compile of the transformer).")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/sample.json")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = args.device.type == "cuda"
+    args.model = args.model or ("DiT-XL/2" if on_gpu else "DiT-S/2")
+    args.latent_size = args.latent_size or (32 if on_gpu else 8)
+    args.batch_size = args.batch_size or (64 if on_gpu else 8)
+    args.precision = args.precision or ("fp16" if on_gpu else "fp32")
+    args.overrides = {} if on_gpu or args.model != "DiT-S/2" else dict(TINY)
+    args.impls = [s for s in args.impls.split(",") if s]
+    args.modes = [s for s in args.modes.split(",") if s]
+    for mode in args.modes:
+        if mode not in ("eager", "compile"):
+            raise SystemExit(f"--modes: unknown mode {mode!r}; use eager or compile.")
+    return args
+
+
+def make_scheduler(name: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from dit_hf.objective import make_ddpm_scheduler
+
+    # Learned variance is a DDPM-only feature: the other solvers take ε alone (both pipelines drop the rest).
+    config = make_ddpm_scheduler(learn_sigma=True).config
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, variance_type=None)
+    return DPMSolverMultistepScheduler.from_config(config, variance_type=None)
+
+
+def build(args):
+    from diffusers import AutoencoderKL
+    from diffusers import DiTPipeline as DiffusersDiTPipeline
+
+    torch.manual_seed(args.seed)
+    ours = DiTModel.from_preset(
+        args.model,
+        **args.overrides,
+        sample_size=args.latent_size,
+        in_channels=4,
+        num_classes=1000,
+        timestep_freq_shift=1,  # diffusers' timestep features, so the export is exact
+    )
+    with torch.no_grad():  # a zero-initialised model would make every sample the same; perturb it
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    # Eval mode, as from_pretrained leaves models: diffusers' label embedder drops labels at random in train mode.
+    ours.eval()
+    theirs = dit_to_diffusers(ours)
+    vae = AutoencoderKL(**(SD_VAE if args.device.type == "cuda" else TINY_VAE))
+    dtype = DTYPES[args.precision]
+    pipes = {
+        "dit-hf": DiTPipeline(transformer=ours, scheduler=make_scheduler(args.scheduler), vae=vae),
+        "diffusers": DiffusersDiTPipeline(transformer=theirs, vae=vae, scheduler=make_scheduler(args.scheduler)),
+    }
+    for pipe in pipes.values():
+        pipe.to(args.device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    pipes = build(args)
+    labels = [(i * 37) % 1000 for i in range(args.batch_size)]
+
+    def call(name):
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        if args.device.type == "cuda":
+            generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        return pipes[name](
+            class_labels=labels,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.steps,
+            generator=generator,
+            output_type="pt" if name == "dit-hf" else "np",
+        ).images
+
+    results, images = [], {}
+    for mode in args.modes:
+        for name in args.impls:
+            pipe = pipes[name]
+            if mode == "compile":
+                torch._dynamo.reset()
+                pipe.transformer = torch.compile(pipe.transformer)
+            reset_memory(args.device)
+            timing = time_iterations(functools.partial(call, name), args.device, args.warmup, args.repeats)
+            out = call(name)
+            out = out if torch.is_tensor(out) else torch.from_numpy(out).permute(0, 3, 1, 2)
+            images[(name, mode)] = out.float().cpu()
+            results.append(
+                {
+                    "impl": name,
+                    "mode": mode,
+                    "images_per_s": args.batch_size / timing["median_s"],
+                    "s_per_batch": timing["median_s"],
+                    "peak_mem_gib": peak_memory_gib(args.device),
+                }
+            )
+            print(f"{name:9s} {mode:8s} {results[-1]['images_per_s']:8.2f} images/s", flush=True)
+            if mode == "compile":
+                pipe.transformer = pipe.transformer._orig_mod
+
+    by_key = {(r["impl"], r["mode"]): r for r in results}
+    ratios, max_diff = {}, {}
+    for mode in args.modes:
+        if ("dit-hf", mode) in by_key and ("diffusers", mode) in by_key:
+            ratios[f"dit-hf/diffusers {mode}"] = (
+                by_key[("dit-hf", mode)]["images_per_s"] / by_key[("diffusers", mode)]["images_per_s"]
+            )
+            max_diff[mode] = (images[("dit-hf", mode)] - images[("diffusers", mode)]).abs().max().item()
+    if ("diffusers", "eager") in by_key:
+        best = max((r for r in results if r["impl"] == "dit-hf"), key=lambda r: r["images_per_s"], default=None)
+        if best:
+            ratios["best dit-hf / diffusers eager"] = (
+                best["images_per_s"] / by_key[("diffusers", "eager")]["images_per_s"]
+            )
+    env = environment(args.device)
+    settings = {
+        "model": args.model,
+        "overrides": args.overrides,
+        "latent_size": args.latent_size,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
+    rows = [[r["impl"], r["mode"], r["images_per_s"], r["s_per_batch"], r["peak_mem_gib"]] for r in results]
+    table = (
+        f"Sampling, {args.model} latents {args.latent_size}² batch {args.batch_size} {args.precision}, "
+        f"{args.scheduler} {args.steps} steps, guidance {args.guidance_scale} — {env['device']}, "
+        f"torch {env['torch']}, diffusers {env['diffusers']}\n\n"
+        + markdown_table(["impl", "mode", "images/s", "s per batch", "peak GiB"], rows)
+        + "\n\n"
+        + "\n".join(f"- {k}: {v:.2f}×" for k, v in ratios.items())
+        + "\n"
+        + "\n".join(f"- max |dit-hf − diffusers| pixel difference ({m}): {d:.2e}" for m, d in max_diff.items())
+    )
+    payload = {"environment": env, "settings": settings, "results": results, "ratios": ratios, "max_diff": max_diff}
+    write_results(args.out, payload, table)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Shared pieces of the benchmark scripts: timing, environment description, result files.
+
+Timing follows one rule everywhere: warm-up iterations first (they include compilation and allocator growth), then
+each measured iteration is timed on its own — with CUDA events on a GPU, `time.perf_counter` around a synchronised
+call on CPU — and the median is reported with the spread (min, max).
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+# Dense bf16 matmul peak (TFLOP/s) used for MFU when --peak_tflops is not given: data-sheet numbers, no sparsity.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def default_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_iterations(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed one by one. Seconds per call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def reset_memory(device: torch.device):
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def write_results(path: str, payload: dict, table: str):
+    """`path` gets the JSON; the Markdown table goes next to it (`.md`) and to stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"\nwrote {path}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(value):
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
