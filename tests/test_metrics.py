@@ -497,6 +497,14 @@ def test_cli_fid_stats_and_evaluate(tmp_path, scripted_network, capsys):
     ]
     assert f"FID                      {result['fid']:.4f}" in table and "Inception Score" in table
 
+    lean = FeatureStats.load(stats)
+    lean.features = None
+    lean.save(tmp_path / "lean.npz")
+    assert main(["evaluate", samples, str(tmp_path / "lean.npz"), *common])["fid"] == result["fid"]
+    table = capsys.readouterr().out
+    assert "recall                   unavailable: the reference statistics hold no features" in table
+    assert "None" not in table
+
 
 def test_cli_evaluate_against_digits_reports_the_classifier_score(tmp_path, scripted_network, capsys):
     digits = np.concatenate(list(open_image_source("digits").batches(2000)))

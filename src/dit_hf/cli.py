@@ -73,7 +73,9 @@ def add_metric_arguments(p):
     p.add_argument("--split", default="train", help="Split of a datasets reference.")
     p.add_argument("--image_column", default=None, help="Image column of a datasets reference.")
     p.add_argument("--max_images", type=int, default=None, help="Use a seeded random subset of the reference.")
-    p.add_argument("--cache_dir", default=None, help="Reference statistics cache (default: $HF_HOME/dit_hf/fid).")
+    p.add_argument(
+        "--cache_dir", default=None, help="Reference cache; default $HF_HOME/dit_hf/fid or ~/.cache/dit_hf/fid."
+    )
     p.add_argument("--no_cache", action="store_true", help="Neither read nor write the reference cache.")
     p.add_argument("--seed", type=int, default=0, help="For --max_images, IS splits and precision/recall subsets.")
 
@@ -164,7 +166,8 @@ def run_evaluate(args) -> dict:
         score, std = result["digits_classifier_score"], result["digits_classifier_score_std"]
         rows.append(("digits classifier score", f"{score:.4f} ± {std:.4f}"))
     for name, value in rows:
-        print(f"{name:<24} {value:.4f}" if isinstance(value, float) else f"{name:<24} {value}")
+        if value is not None:  # unavailable metrics are listed below, with the reason
+            print(f"{name:<24} {value:.4f}" if isinstance(value, float) else f"{name:<24} {value}")
     for name, reason in result["unavailable"].items():
         print(f"{name:<24} unavailable: {reason}")
     if args.json is not None:
