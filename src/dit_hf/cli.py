@@ -86,7 +86,7 @@ def add_sample_eval_parser(subparsers):
     )
     p.add_argument("--batch_size", type=int, default=32, help="Images per forward pass in each process.")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the saved scheduler.")
-    p.add_argument("--steps", type=int, default=250, help="Number of denoising steps.")
+    p.add_argument("--steps", type=int, default=250, help="Denoising steps (DiT reports FID with 250 DDPM steps).")
     p.add_argument("--guidance_scale", type=float, default=1.0, help="1.0: no classifier-free guidance.")
     p.add_argument(
         "--guidance_interval",

@@ -186,6 +186,23 @@ def check_settings(out_dir: str, settings: dict):
         )
 
 
+def prepare_out_dir(out_dir: str, settings: dict, overwrite: bool):
+    """Create `out_dir/images` (emptied with `overwrite`), drop temporary files of a killed run, write the settings."""
+    images_dir = os.path.join(out_dir, "images")
+    if overwrite:
+        shutil.rmtree(images_dir, ignore_errors=True)
+        for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+            if name.startswith("samples_") and name.endswith(".npz"):
+                os.remove(os.path.join(out_dir, name))
+    os.makedirs(images_dir, exist_ok=True)
+    for name in os.listdir(images_dir):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(images_dir, name))
+    with open(os.path.join(out_dir, SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=2)
+        f.write("\n")
+
+
 def is_valid_png(path: str, size: tuple[int, int]) -> bool:
     """Whether `path` is a complete PNG of (height, width) `size`: verify() checks every chunk's CRC."""
     try:
@@ -356,18 +373,7 @@ def sample_for_eval(
         check_settings(out_dir, settings)  # in every process, so all of them stop on a mismatch
     state.wait_for_everyone()
     if state.is_main_process:
-        if overwrite:
-            shutil.rmtree(images_dir, ignore_errors=True)
-            for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-                if name.startswith("samples_") and name.endswith(".npz"):
-                    os.remove(os.path.join(out_dir, name))
-        os.makedirs(images_dir, exist_ok=True)
-        for name in os.listdir(images_dir):
-            if name.endswith(".tmp"):  # left by an interrupted run
-                os.remove(os.path.join(images_dir, name))
-        with open(os.path.join(out_dir, SETTINGS_FILE), "w") as f:
-            json.dump(settings, f, indent=2)
-            f.write("\n")
+        prepare_out_dir(out_dir, settings, overwrite)
     state.wait_for_everyone()
 
     def png(index: int) -> str:
