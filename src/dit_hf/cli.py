@@ -177,6 +177,72 @@ def run_evaluate(args) -> dict:
     return result
 
 
+def add_sample_eval_parser(subparsers):
+    p = subparsers.add_parser(
+        "sample-eval",
+        help="Sample many images for FID (PNGs + the ADM evaluator's .npz); runs under accelerate launch/torchrun.",
+    )
+    p.add_argument("pipeline", help="Folder written by DiTPipeline.save_pretrained (or a Hub repo id).")
+    p.add_argument("--num_samples", type=int, required=True, help="Number of images, e.g. 50000.")
+    p.add_argument(
+        "--weights",
+        default="transformer",
+        help="transformer (the pipeline's own weights: the first EMA rate in a trainer export), ema (the single "
+        "transformer_ema_<rate>/ folder) or a subfolder name such as transformer_ema_0.9999.",
+    )
+    p.add_argument(
+        "--labels",
+        choices=["balanced", "uniform"],
+        default=None,
+        help="uniform: random classes (DiT/ADM protocol, the default for conditional models); balanced: sample i "
+        "gets class i %% num_classes. Leave out for an unconditional model.",
+    )
+    p.add_argument("--batch_size", type=int, default=32, help="Images per forward pass in each process.")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the saved scheduler.")
+    p.add_argument("--steps", type=int, default=250, help="Denoising steps (DiT reports FID with 250 DDPM steps).")
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="1.0: no classifier-free guidance.")
+    p.add_argument(
+        "--guidance_interval",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="Guide only at noise levels t/num_train_timesteps in [LOW, HIGH] (1 is pure noise).",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default=None, help="Default: this process's accelerator device.")
+    p.add_argument("--out", required=True, help="Output folder (images/, the .npz, sample_eval.json).")
+    p.add_argument("--overwrite", action="store_true", help="Delete samples already in --out instead of resuming.")
+    p.set_defaults(func=run_sample_eval)
+
+
+def run_sample_eval(args) -> str:
+    from accelerate import PartialState
+
+    from .sample_eval import sample_for_eval
+
+    npz = sample_for_eval(
+        args.pipeline,
+        args.out,
+        args.num_samples,
+        weights=args.weights,
+        labels=args.labels,
+        batch_size=args.batch_size,
+        scheduler=args.scheduler,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        seed=args.seed,
+        precision=args.precision,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    if PartialState().is_main_process:
+        print(f"wrote {args.num_samples} samples to {os.path.join(args.out, 'images')} and {npz}")
+    return npz
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "convert":
@@ -188,6 +254,7 @@ def main(argv: list[str] | None = None):
     add_sample_parser(subparsers)
     add_fid_stats_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_sample_eval_parser(subparsers)
     subparsers.add_parser("convert", help="Convert checkpoints (see `dit-hf convert --help`).")
     args = parser.parse_args(argv)
     try:
