@@ -30,7 +30,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.utils import logging
 
-from .modeling_dit import DiTModel, to_2tuple
+from .modeling_dit import PLAIN_DIT_OPTIONS, DiTModel, to_2tuple
 
 logger = logging.get_logger(__name__)
 
@@ -129,13 +129,21 @@ def dit_to_diffusers(model: DiTModel, strict: bool = True) -> DiTTransformer2DMo
     mode.
 
     Args:
-        model ([`DiTModel`]): A class-conditional model with a square `sample_size`, `mlp_ratio=4` and
-            `class_dropout_prob > 0` (diffusers' DiT always has the null class row).
+        model ([`DiTModel`]): A class-conditional model with a square `sample_size`, `mlp_ratio=4`,
+            `class_dropout_prob > 0` (diffusers' DiT always has the null class row) and none of the later block
+            options (`qk_norm`, `norm_type`, `mlp_type`, `pos_embed_type`, `head_depth`).
         strict (`bool`, defaults to `True`): Raise a `ValueError` if the exported model would not compute the same
             outputs, which happens when `timestep_freq_shift=0` (diffusers fixes the shift to 1). With `False`,
             export anyway and log a warning with the measured output difference.
     """
     config = model.config
+    options = {name: config[name] for name, plain in PLAIN_DIT_OPTIONS.items() if config[name] != plain}
+    if options:
+        raise ValueError(
+            f"diffusers' DiTTransformer2DModel has only the plain DiT block, but this model uses {options} "
+            f"(the plain values are {PLAIN_DIT_OPTIONS}). Keep it in the DiTModel format: a saved DiTPipeline with it "
+            "loads with `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`."
+        )
     height, width = to_2tuple(config.sample_size)
     if height != width:
         raise ValueError(

@@ -5,6 +5,11 @@ This file is self-contained on purpose: it imports only torch and diffusers, so 
 pipeline folder and be loaded with ``trust_remote_code=True`` by a Python that does not have dit_hf installed.
 Parameter names follow the original ``models.py`` (``x_embedder``, ``t_embedder``, ``y_embedder``, ``blocks.N``,
 ``final_layer``) so the released checkpoints map onto this module one to one.
+
+Later block designs are options of the same model, off by default: QK-norm, RMSNorm, SwiGLU and 2-D rotary position
+embeddings as in LightningDiT (Yao et al., 2025, "Reconstruction vs. Generation"), and the wide, shallow DDT head of
+RAE's DiT^DH (Zheng et al., 2025, "Diffusion Transformers with Representation Autoencoders"). Their parameter names
+follow LightningDiT's (``attn.q_norm``, ``attn.k_norm``, ``mlp.w12``, ``mlp.w3``).
 """
 
 import math
@@ -28,6 +33,29 @@ DIT_PRESETS = {
     f"DiT-{size}/{patch}": dict(patch_size=patch, **dims) for size, dims in DIT_SIZES.items() for patch in (2, 4, 8)
 }
 
+# Later recipes built from the same blocks, for `DiTModel.from_preset`. Both are velocity (flow) models without a
+# variance output, hence `learn_sigma=False`; `in_channels` and `sample_size` follow the autoencoder, so pass them.
+# LightningDiT: the DiT sizes with the released recipe (configs/lightningdit_xl_vavae_f16d32.yaml: use_rmsnorm,
+# use_swiglu and use_rope on, use_qknorm off) and the names of its model registry.
+LIGHTNING_DIT_OPTIONS = dict(norm_type="rms", mlp_type="swiglu", pos_embed_type="rope2d", learn_sigma=False)
+# DiT^DH: a LightningDiT trunk of each DiT size plus "a 2-layer, 2048-dim DDT head for all models" (RAE, Sec. 4);
+# the head's 16 attention heads are from RAE's configs/training/ImageNet256/DiTDH-{S,XL}_DINOv2-B.yaml, which also
+# set patch_size 1 and use_qknorm false.
+DDT_HEAD = dict(head_depth=2, head_hidden_size=2048, head_num_heads=16)
+RECIPE_PRESETS = {
+    **{
+        f"LightningDiT-{size}/{patch}": dict(patch_size=patch, **DIT_SIZES[size], **LIGHTNING_DIT_OPTIONS)
+        for size, patch in (("B", 1), ("B", 2), ("L", 2), ("XL", 1), ("XL", 2))
+    },
+    **{
+        f"DiTDH-{size}": dict(patch_size=1, **dims, **LIGHTNING_DIT_OPTIONS, **DDT_HEAD)
+        for size, dims in DIT_SIZES.items()
+    },
+}
+
+# The options of later designs and the values that give the plain DiT of the paper.
+PLAIN_DIT_OPTIONS = dict(qk_norm=False, norm_type="layer", mlp_type="gelu", pos_embed_type="sincos", head_depth=0)
+
 
 @dataclass
 class DiTModelOutput(BaseOutput):
@@ -44,7 +72,17 @@ class DiTModelOutput(BaseOutput):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + scale) + shift
+
+
+def adaln_chunks(modulation: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Split adaLN parameters into `n` parts that broadcast over (N, T, D) tokens.
+
+    The condition is one vector per sample, (N, n * D), in the trunk, or one per token, (N, T, n * D), in the DDT head.
+    """
+    if modulation.dim() == 2:
+        modulation = modulation.unsqueeze(1)  # (N, 1, n * D)
+    return modulation.chunk(n, dim=-1)
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -74,6 +112,39 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
         torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
     )
     return torch.cat([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], dim=1)
+
+
+def rope_2d(
+    head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0, device: torch.device | None = None
+) -> torch.Tensor:
+    """(2, T, head_dim) cosines and sines of the axial 2-D rotary angles for a row-major (grid_h, grid_w) token grid.
+
+    Channels rotate in adjacent pairs (2i, 2i + 1). The first half of the pairs turns with the token's row index and
+    the second half with its column index, each axis with the frequencies theta ** (-j / (head_dim / 4)), j < head_dim
+    / 4 (RoFormer's 1-D rotation applied per axis, as in EVA-02 and LightningDiT). Positions are integer indices on
+    any grid, so a new resolution extends the grid rather than interpolating it.
+    """
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # (head_dim / 4,)
+    rows = torch.arange(grid_h, dtype=torch.float32, device=device).repeat_interleave(grid_w)  # (T,)
+    cols = torch.arange(grid_w, dtype=torch.float32, device=device).repeat(grid_h)  # (T,)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (T, head_dim / 2)
+    angles = angles.repeat_interleave(2, dim=1)  # (T, head_dim): both channels of a pair share one angle
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (x[2i], x[2i + 1]) of x (N, heads, T, head_dim) by its angle from `rope_2d`."""
+    cos, sin = rope.unbind(0)  # each (T, head_dim)
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (-x[2i + 1], x[2i])
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def swiglu_hidden_size(hidden_size: int, mlp_ratio: float) -> int:
+    """SwiGLU width: 2/3 of the GELU MLP's, truncated to an int as in LightningDiT, so the three matrices hold about
+    as many parameters as the two of the GELU MLP (e.g. 3072 for hidden_size 1152, 5461 for 2048 at ratio 4)."""
+    return int(2 / 3 * int(hidden_size * mlp_ratio))
 
 
 class PatchEmbed(nn.Module):
@@ -142,17 +213,45 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) times a learned per-channel scale (Zhang & Sennrich, 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def make_norm(norm_type: str, dim: int) -> nn.Module:
+    """The norm before each adaLN modulation: DiT's LayerNorm has no affine part, since adaLN supplies the scale."""
+    if norm_type == "rms":
+        return RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        # QK-norm bounds the attention logits, which keeps low-precision training stable.
+        self.q_norm = RMSNorm(hidden_size // num_heads) if qk_norm else None
+        self.k_norm = RMSNorm(hidden_size // num_heads) if qk_norm else None
         self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
@@ -168,39 +267,88 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """w3(SiLU(x W1) * x W2) (Shazeer, 2020), with W1 and W2 fused into one projection `w12`."""
+
+    def __init__(self, hidden_size: int, mlp_hidden_size: int):
+        super().__init__()
+        self.w12 = nn.Linear(hidden_size, 2 * mlp_hidden_size, bias=True)
+        self.w3 = nn.Linear(mlp_hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: every residual branch is scaled by a gate that starts at 0."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qk_norm: bool = False,
+        norm_type: str = "layer",
+        mlp_type: str = "gelu",
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = make_norm(norm_type, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.norm2 = make_norm(norm_type, hidden_size)
+        if mlp_type == "swiglu":
+            self.mlp = SwiGLU(hidden_size, swiglu_hidden_size(hidden_size, mlp_ratio))
+        else:
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, T, D); c (N, D) for the whole sample or (N, T, D) per token; rope (2, T, head_dim) or None."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_chunks(self.adaLN_modulation(c), 6)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm_type: str = "layer"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm_type, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = adaln_chunks(self.adaLN_modulation(c), 2)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class DiTModel(ModelMixin, ConfigMixin):
     r"""
     Class-conditional Diffusion Transformer with adaLN-Zero blocks.
+
+    With the default options this is the DiT of the paper. The options add the block designs of LightningDiT and
+    RAE's DiT^DH (presets: [`RECIPE_PRESETS`]):
+
+    - `qk_norm`: RMSNorm with a learned scale on each head's queries and keys, before attention (and before RoPE).
+    - `norm_type="rms"`: RMSNorm with a learned scale instead of the non-affine LayerNorm, in every block and the
+      final layer.
+    - `mlp_type="swiglu"`: SwiGLU MLP of hidden width `int(2 / 3 * int(hidden_size * mlp_ratio))`, LightningDiT's
+      rule, which keeps the parameter count of the GELU MLP (3072 for hidden_size 1152).
+    - `pos_embed_type="rope2d"`: axial 2-D rotary embedding of the queries and keys in every attention layer (half of
+      each head's channels turn with the token's row, half with its column; see `rope_2d`). As in LightningDiT and
+      RAE, the fixed sin-cos table is still added to the trunk's input tokens.
+    - DDT head (`head_depth > 0`), after RAE's DiT^DH: the trunk above computes tokens s (N, T, D) from the noisy
+      input, t and y as usual, without a final layer. The head re-embeds the noisy input with its own patch
+      embedding at width `head_hidden_size` (no absolute position table; RoPE when `pos_embed_type="rope2d"`) and
+      runs `head_depth` blocks whose adaLN condition is per token: c_head = Linear(SiLU(s + t_emb)), the trunk's
+      tokens plus the timestep embedding (the label enters through the trunk), projected to the head width (no
+      projection when the widths are equal). The final layer works at the head width, conditioned on c_head too.
+      Differences from RAE's code: its trunk feeds SiLU(t_emb + y_emb) to blocks that apply SiLU again, and its
+      timestep features are Gaussian Fourier features; here the trunk is the plain DiT trunk. All linear layers
+      start Xavier-uniform as in DiT, and adaLN-Zero zeroes every block's modulation and the final layer, so a new
+      model predicts exactly zero, with or without a head.
+
+    `blocks` is always the trunk (hooks on `blocks[k]` read its tokens); the head's blocks are `head_blocks`.
 
     Parameters:
         sample_size (`int` or `(int, int)`, defaults to 32): Height and width of the input (latent) image; an int
@@ -218,6 +366,14 @@ class DiTModel(ModelMixin, ConfigMixin):
             doubles the output channels.
         timestep_freq_shift (`int`, defaults to 0): Frequency convention of the timestep features: 0 as in the
             original DiT, 1 as in diffusers' `DiTTransformer2DModel` (needed for an exact export to it).
+        qk_norm (`bool`, defaults to `False`): RMSNorm on the per-head queries and keys.
+        norm_type (`str`, defaults to `"layer"`): `"layer"` (DiT's non-affine LayerNorm) or `"rms"` (RMSNorm).
+        mlp_type (`str`, defaults to `"gelu"`): `"gelu"` (DiT's tanh-GELU MLP) or `"swiglu"`.
+        pos_embed_type (`str`, defaults to `"sincos"`): `"sincos"` (the fixed table only) or `"rope2d"` (the table
+            plus 2-D rotary embeddings in attention); `"rope2d"` needs a head width divisible by 4.
+        head_depth (`int`, defaults to 0): Blocks of the DDT head; 0 builds no head.
+        head_hidden_size (`int`, *optional*): Width of the DDT head; defaults to `hidden_size`.
+        head_num_heads (`int`, *optional*): Attention heads of the DDT head; defaults to `num_heads`.
     """
 
     _supports_gradient_checkpointing = True
@@ -239,6 +395,13 @@ class DiTModel(ModelMixin, ConfigMixin):
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = True,
         timestep_freq_shift: int = 0,
+        qk_norm: bool = False,
+        norm_type: str = "layer",
+        mlp_type: str = "gelu",
+        pos_embed_type: str = "sincos",
+        head_depth: int = 0,
+        head_hidden_size: int | None = None,
+        head_num_heads: int | None = None,
     ):
         super().__init__()
         height, width = to_2tuple(sample_size)
@@ -257,9 +420,41 @@ class DiTModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"`timestep_freq_shift` must be 0 (original DiT) or 1 (diffusers), got {timestep_freq_shift}."
             )
+        if not isinstance(qk_norm, bool):
+            raise ValueError(f"`qk_norm` must be True or False, got {qk_norm!r}.")
+        for name, value, choices in (
+            ("norm_type", norm_type, ("layer", "rms")),
+            ("mlp_type", mlp_type, ("gelu", "swiglu")),
+            ("pos_embed_type", pos_embed_type, ("sincos", "rope2d")),
+        ):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+        if not isinstance(head_depth, int) or head_depth < 0:
+            raise ValueError(f"`head_depth` must be an int >= 0 (0 = no DDT head), got {head_depth!r}.")
+        if head_depth == 0 and (head_hidden_size is not None or head_num_heads is not None):
+            raise ValueError(
+                "`head_hidden_size` and `head_num_heads` configure the DDT head: set `head_depth` > 0 to build one, "
+                "or leave them None."
+            )
+        head_hidden_size = hidden_size if head_hidden_size is None else head_hidden_size
+        head_num_heads = num_heads if head_num_heads is None else head_num_heads
+        if head_hidden_size <= 0 or head_num_heads <= 0 or head_hidden_size % head_num_heads:
+            raise ValueError(
+                f"`head_hidden_size` ({head_hidden_size}) must be a positive multiple of `head_num_heads` "
+                f"({head_num_heads})."
+            )
+        if pos_embed_type == "rope2d":
+            for name, head_dim in (("", hidden_size // num_heads), ("head_", head_hidden_size // head_num_heads)):
+                if head_dim % 4:
+                    raise ValueError(
+                        f"`pos_embed_type='rope2d'` rotates channel pairs along rows and columns, so each attention "
+                        f"head needs a multiple of 4 channels, but `{name}hidden_size / {name}num_heads` is "
+                        f"{head_dim}; change `{name}num_heads`."
+                    )
 
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.gradient_checkpointing = False
+        block_options = dict(qk_norm=qk_norm, norm_type=norm_type, mlp_type=mlp_type)
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
@@ -267,16 +462,32 @@ class DiTModel(ModelMixin, ConfigMixin):
         # Fixed, not learned, and recomputed from the config: kept out of the state dict.
         pos_embed = sincos_2d(hidden_size, height // patch_size, width // patch_size).float()
         self.register_buffer("pos_embed", pos_embed.unsqueeze(0), persistent=False)  # (1, T, D)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, **block_options) for _ in range(depth)]
+        )
+        self.head_x_embedder, self.head_cond_proj = None, None
+        if head_depth:
+            self.head_x_embedder = PatchEmbed(patch_size, in_channels, head_hidden_size)
+            # RAE projects the trunk's tokens only when the widths differ.
+            self.head_cond_proj = nn.Identity()
+            if head_hidden_size != hidden_size:
+                self.head_cond_proj = nn.Linear(hidden_size, head_hidden_size, bias=True)
+        self.head_blocks = nn.ModuleList(
+            [DiTBlock(head_hidden_size, head_num_heads, mlp_ratio, **block_options) for _ in range(head_depth)]
+        )
+        final_size = head_hidden_size if head_depth else hidden_size
+        self.final_layer = FinalLayer(final_size, patch_size, self.out_channels, norm_type)
         self.initialize_weights()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiTModel":
-        """Build a paper-sized model, e.g. `DiTModel.from_preset("DiT-XL/2", sample_size=32, num_classes=1000)`."""
-        if name not in DIT_PRESETS:
-            raise ValueError(f"Unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}.")
-        return cls(**{**DIT_PRESETS[name], **overrides})
+        """Build a named model, e.g. `DiTModel.from_preset("DiT-XL/2", sample_size=32, num_classes=1000)` (the paper's
+        sizes, `DIT_PRESETS`) or `DiTModel.from_preset("DiTDH-XL", sample_size=16, in_channels=768)` (later recipes,
+        `RECIPE_PRESETS`)."""
+        presets = {**DIT_PRESETS, **RECIPE_PRESETS}
+        if name not in presets:
+            raise ValueError(f"Unknown DiT preset {name!r}; choose one of {sorted(presets)}.")
+        return cls(**{**presets[name], **overrides})
 
     def initialize_weights(self):
         # Transformer layers: Xavier-uniform weights, zero biases (as in ViT).
@@ -288,10 +499,12 @@ class DiTModel(ModelMixin, ConfigMixin):
 
         self.apply(_basic_init)
 
-        # Patch embedding initialised like a linear layer over the flattened patch.
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        # Patch embeddings initialised like a linear layer over the flattened patch.
+        for embedder in (self.x_embedder, self.head_x_embedder):
+            if embedder is not None:
+                w = embedder.proj.weight
+                nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+                nn.init.zeros_(embedder.proj.bias)
 
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
@@ -299,7 +512,7 @@ class DiTModel(ModelMixin, ConfigMixin):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
         # adaLN-Zero: every block starts as the identity and the model predicts zero.
-        for block in self.blocks:
+        for block in [*self.blocks, *self.head_blocks]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
@@ -316,6 +529,29 @@ class DiTModel(ModelMixin, ConfigMixin):
         pos = sincos_2d(self.config.hidden_size, grid_h, grid_w)
         return pos.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype).unsqueeze(0)
 
+    def rotary_embedding(
+        self, grid_h: int, grid_w: int, device: torch.device, head: bool = False
+    ) -> torch.Tensor | None:
+        """(2, T, head_dim) rotary angles of the trunk's (or the DDT head's) attention, None without RoPE."""
+        if self.config.pos_embed_type != "rope2d":
+            return None
+        config = self.config
+        if head:
+            width, heads = config.head_hidden_size or config.hidden_size, config.head_num_heads or config.num_heads
+        else:
+            width, heads = config.hidden_size, config.num_heads
+        return rope_2d(width // heads, grid_h, grid_w, device=device)
+
+    def run_blocks(
+        self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None
+    ) -> torch.Tensor:
+        for block in blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, rope)
+            else:
+                x = block(x, c, rope)  # (N, T, D)
+        return x
+
     def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """(N, T, p * p * C) -> (N, C, H, W)."""
         p, c = self.config.patch_size, self.out_channels
@@ -326,7 +562,7 @@ class DiTModel(ModelMixin, ConfigMixin):
     def embed_condition(
         self, timestep: torch.Tensor, class_labels: torch.Tensor | None, force_drop_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Conditioning vector c = t_emb + y_emb, computed once per forward and shared by every block."""
+        """Conditioning vector c = t_emb + y_emb, computed once per forward and shared by every trunk block."""
         c = self.t_embedder(timestep)  # (N, D)
         if self.y_embedder is not None:
             if class_labels is None:
@@ -377,11 +613,13 @@ class DiTModel(ModelMixin, ConfigMixin):
         pos = self.position_embedding(grid_h, grid_w).to(hidden_states.dtype)
         x = self.x_embedder(hidden_states) + pos  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.embed_condition(timestep, class_labels, force_drop_ids).to(x.dtype)  # (N, D)
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c)
-            else:
-                x = block(x, c)  # (N, T, D)
+        x = self.run_blocks(self.blocks, x, c, self.rotary_embedding(grid_h, grid_w, x.device))
+        if self.head_blocks:
+            # DDT head: per-token condition from the trunk's tokens and t, applied to a fresh embedding of the input.
+            t_emb = self.t_embedder(timestep).to(x.dtype)  # (N, D)
+            c = self.head_cond_proj(F.silu(x + t_emb.unsqueeze(1)))  # (N, T, D_head)
+            x = self.head_x_embedder(hidden_states)  # (N, T, D_head)
+            x = self.run_blocks(self.head_blocks, x, c, self.rotary_embedding(grid_h, grid_w, x.device, head=True))
         x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
         output = self.unpatchify(x, grid_h, grid_w)  # (N, out_channels, H, W)
 
