@@ -649,7 +649,7 @@ def make_scheduler(objective: Objective, family: str | None = None, shift: float
     Args:
         objective ([`DDPMObjective`] or [`FlowMatchingObjective`]): The training objective.
         family (`str`, *optional*): `"ddpm"` (default; with a learned variance it samples with it), `"ddim"` or
-            `"dpm"` (DPM-Solver++) for the DDPM objectives; `"euler"` (default), `"heun"` or `"dpm"` for flow.
+            `"dpm"` (DPM-Solver++) for the DDPM objectives; `"euler"` (default) or `"heun"` (2nd order) for flow.
         shift (`float`, *optional*): Flow only: the shift of the sampling noise levels. Defaults to the training
             shift, as RAE and SD3 sample with the shift they train with.
     """

@@ -36,7 +36,7 @@ OBJECTIVES = ("ddpm_eps", "ddpm_v", "flow")
 DDPM_PREDICTION_TYPES = {"ddpm_eps": "epsilon", "ddpm_v": "v_prediction"}
 # Scheduler families by name, for `make_matching_scheduler`.
 DDPM_FAMILIES = ("ddpm", "ddim", "dpm")
-FLOW_FAMILIES = ("euler", "heun", "dpm")
+FLOW_FAMILIES = ("euler", "heun")
 
 
 def uses_flow_sigmas(scheduler: SchedulerMixin) -> bool:
@@ -90,8 +90,9 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
     Args:
         objective (`str`): `"ddpm_eps"`, `"ddpm_v"` or `"flow"`.
         family (`str`): For the DDPM objectives `"ddpm"` (ancestral; uses a learned variance), `"ddim"` or `"dpm"`
-            (DPM-Solver++ multistep). For `"flow"`: `"euler"`, `"heun"` (2nd order, 2 model calls per step but the
-            first) or `"dpm"` (DPM-Solver++ on flow sigmas; it feeds the model ⌊σ · T⌋).
+            (DPM-Solver++ multistep). For `"flow"`: `"euler"` or `"heun"` (2nd order, 2 model calls per step but
+            the last). (`DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")` is
+            accepted too, but it feeds the model ⌊σ · T⌋ rather than σ · T, which limits its accuracy.)
         config (`dict`): Config of a scheduler built for the training (e.g. `pipe.scheduler.config`), which gives
             the DDPM beta schedule, or the flow T and `shift` (`{"num_train_timesteps": T, "shift": s}` will do).
     """
@@ -102,7 +103,6 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
         raise ValueError(
             f"Unknown scheduler family {family!r} for the {objective!r} objective; choose one of {list(families)}."
         )
-    source = config.get("_class_name", "the config")
     if objective == "flow":
         if config.get("use_flow_sigmas"):
             shift = config["flow_shift"]
@@ -110,24 +110,18 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
             shift = config["shift"]
         else:
             raise ValueError(
-                f"{source} is not a flow-matching scheduler config, so the sampling shift is unknown; pass "
-                "`{'num_train_timesteps': T, 'shift': s}` or build the scheduler directly."
+                "The scheduler config has no `shift` (it is not a flow-matching scheduler's), so the sampling shift "
+                "is unknown; pass `{'num_train_timesteps': T, 'shift': s}` or build the scheduler directly."
             )
         num_train_timesteps = config.get("num_train_timesteps", 1000)
         if family == "euler":
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-        if family == "heun":
-            return FlowMatchHeunDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-        return DPMSolverMultistepScheduler(
-            num_train_timesteps=num_train_timesteps,
-            use_flow_sigmas=True,
-            flow_shift=shift,
-            prediction_type="flow_prediction",
-        )
+        return FlowMatchHeunDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
     if "beta_schedule" not in config or config.get("use_flow_sigmas"):
         raise ValueError(
-            f"{source} is not a diffusion scheduler config, so the beta schedule is unknown; pass the config of the "
-            "scheduler saved with the model (`DDPMScheduler.load_config(model, subfolder='scheduler')`)."
+            "The scheduler config has no `beta_schedule` (it is not a diffusion scheduler's), so the noise schedule "
+            "is unknown; pass the config of the scheduler saved with the model "
+            "(`DDPMScheduler.load_config(model, subfolder='scheduler')`)."
         )
     prediction_type = DDPM_PREDICTION_TYPES[objective]
     if family == "ddpm":
@@ -213,7 +207,7 @@ class DiTPipeline(DiffusionPipeline):
         """
         A scheduler of the named family for this pipeline's objective, built from the current scheduler's config
         (which keeps the training schedule): `pipe.scheduler = pipe.matching_scheduler("dpm")`. Families:
-        `"ddpm"`, `"ddim"`, `"dpm"` for the DDPM objectives; `"euler"`, `"heun"`, `"dpm"` for `"flow"`.
+        `"ddpm"`, `"ddim"`, `"dpm"` for the DDPM objectives; `"euler"`, `"heun"` for `"flow"`.
         """
         return make_matching_scheduler(self.config.objective, family, self.scheduler.config)
 
