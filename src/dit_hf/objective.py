@@ -8,7 +8,7 @@
 References:
     Ho et al., 2020, "Denoising Diffusion Probabilistic Models" (DDPM), eqs. (4)-(7) and (12).
     Nichol & Dhariwal, 2021, "Improved Denoising Diffusion Probabilistic Models" (iDDPM), eqs. (9)-(16).
-    Salimans & Ho, 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", Sec. 4 (v-prediction).
+    Salimans & Ho, 2022, "Progressive Distillation for Fast Sampling of Diffusion Models" (v-prediction).
     Lipman et al., 2023, "Flow Matching for Generative Modeling"; Liu et al., 2023, "Flow Straight and Fast".
     Esser et al., 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3), Sec. 3.1
         (logit-normal noise levels) and Sec. 5.3.2 (resolution-dependent shift).
@@ -87,7 +87,7 @@ def make_ddpm_scheduler(
 
 
 def shift_noise_levels(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """σ' = sσ / (1 + (s - 1)σ) (SD3 eq. 23): s > 1 moves noise levels towards 1 (more noise), keeping 0 and 1."""
+    """σ' = sσ / (1 + (s - 1)σ) (SD3 Sec. 5.3.2): s > 1 moves noise levels towards 1 (more noise), keeping 0 and 1."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
@@ -154,7 +154,7 @@ class TimestepSampler:
             u = _draw(torch.rand, batch_size, device, generator)
         else:
             u = torch.sigmoid(self.mean + self.std * _draw(torch.randn, batch_size, device, generator))
-        return shift_noise_levels(u, self.shift) if self.shift != 1.0 else u
+        return shift_noise_levels(u, self.shift)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
