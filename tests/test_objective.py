@@ -17,6 +17,7 @@ from dit_hf.objective import (
     discretized_gaussian_log_likelihood,
     loss_by_timestep_quartile,
     make_ddpm_scheduler,
+    make_objective,
     normal_kl,
 )
 
@@ -385,6 +386,113 @@ def test_model_output_channels_are_checked():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# v-prediction
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ref_v(ref, x0, eps, t):
+    """v = √ᾱ_t ε - √(1 - ᾱ_t) x_0 (Salimans & Ho, 2022), in float64."""
+    abar = col(ref["alphas_cumprod"], t)
+    return np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_v_target_matches_float64(schedule):
+    objective = DDPMObjective(make_ddpm_scheduler(T, schedule, False, "v_prediction"), learn_sigma=False)
+    assert objective.name == "ddpm_v"
+    ref = ref_schedule(schedule)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 8, 8, generator=generator)
+    target = objective.training_target(x0, noise, torch.tensor(TIMESTEPS))
+    assert target.dtype == torch.float32
+    np.testing.assert_allclose(f64(target), ref_v(ref, f64(x0), f64(noise), TIMESTEPS), rtol=1e-6, atol=1e-6)
+    # At t = 0 v is almost ε (√(1 - ᾱ_0) = 0.01); at t = T - 1 almost -x_0.
+    assert (target[0] - noise[0]).abs().max() < 0.05 and (target[3] + x0[3]).abs().max() < 0.05
+
+    model = RecordingModel(tiny_dit(learn_sigma=False))
+    out = objective(model, x0, torch.tensor([0, 1, 2, 3]), timesteps=torch.tensor(TIMESTEPS), noise=noise)
+    expected = ((f64(model.output) - ref_v(ref, f64(x0), f64(noise), TIMESTEPS)) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(f64(out.mse), expected, rtol=1e-5)
+    assert out.vlb is None and torch.equal(out.loss_per_sample, out.mse)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_v_hybrid_loss_matches_reference(schedule):
+    # With a learned variance the VLB needs x̂_0 from v̂. The reference converts v̂ to ε̂ = √(1 - ᾱ_t) x_t + √ᾱ_t v̂
+    # in float64 and reuses the ε-prediction reference, so the two paths to x̂_0 are independent.
+    objective = DDPMObjective(make_ddpm_scheduler(T, schedule, True, "v_prediction"))
+    ref = ref_schedule(schedule)
+    model = RecordingModel(tiny_dit())
+    x0 = quantised_images()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+
+    out = objective(model, x0, torch.tensor([0, 1, 2, 10]), timesteps=torch.tensor(TIMESTEPS), noise=noise)
+
+    x_t, v_hat, r = f64(model.x_t), f64(model.output[:, :3]), f64(model.output[:, 3:])
+    abar = col(ref["alphas_cumprod"], TIMESTEPS)
+    eps_hat = np.sqrt(1 - abar) * x_t + np.sqrt(abar) * v_hat
+    _, ref_vb = ref_hybrid_loss(ref, f64(x0), x_t, f64(noise), np.concatenate([eps_hat, r], axis=1), TIMESTEPS)
+    ref_mse = ((v_hat - ref_v(ref, f64(x0), f64(noise), TIMESTEPS)) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(f64(out.mse), ref_mse, rtol=1e-5)
+    # At t = T - 1 a bounded x̂_0 makes the KL tiny (3e-7 bits), where float32 leaves an absolute error of 3e-8.
+    np.testing.assert_allclose(f64(out.vlb), ref_vb, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(f64(out.loss_per_sample), ref_mse + ref_vb, rtol=1e-5)
+    assert (ref_vb[:3] > 1e-4).all()
+
+    _, _, _, pred_x0 = objective.p_mean_variance(model.output, model.x_t, torch.tensor(TIMESTEPS))
+    np.testing.assert_allclose(f64(pred_x0), np.sqrt(abar) * x_t - np.sqrt(1 - abar) * v_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_v_vlb_trains_only_the_variance():
+    objective = DDPMObjective(make_ddpm_scheduler(prediction_type="v_prediction"))
+    prediction = torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    out = objective(lambda x_t, t, y: prediction, quantised_images(), timesteps=torch.tensor(TIMESTEPS))
+    (grad_vb,) = torch.autograd.grad(out.vlb.sum(), prediction)
+    assert grad_vb[:, :3].abs().max().item() == 0.0 and grad_vb[:, 3:].abs().sum().item() > 0.0
+
+
+def test_v_prediction_allows_zero_terminal_snr():
+    # ε-prediction is refused at ᾱ_T = 0 (see test_rejects_zero_terminal_snr); v = -x_0 there, which is learnable.
+    objective = DDPMObjective(
+        DDPMScheduler(variance_type="learned_range", rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    )
+    x0 = quantised_images()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.full((4,), T - 1)
+    torch.testing.assert_close(objective.training_target(x0, noise, t), -x0, atol=0, rtol=0)
+    out = objective(lambda x_t, t, y: torch.zeros(4, 6, 8, 8), x0, timesteps=t, noise=noise)
+    torch.testing.assert_close(out.mse, (x0**2).mean(dim=(1, 2, 3)))
+    assert torch.isfinite(out.vlb).all()
+
+
+def test_make_objective_builds_each_ddpm_objective():
+    eps = make_objective()
+    assert isinstance(eps, DDPMObjective) and eps.name == "ddpm_eps" and eps.learn_sigma
+    assert dict(eps.scheduler.config) == dict(make_ddpm_scheduler().config)
+    v = make_objective("ddpm_v", learn_sigma=False, num_train_timesteps=250, beta_schedule="squaredcos_cap_v2")
+    assert v.name == "ddpm_v" and not v.learn_sigma and v.num_train_timesteps == 250
+    assert v.scheduler.config.prediction_type == "v_prediction" and v.scheduler.config.variance_type == "fixed_small"
+    assert make_objective(vlb_weight=0.5).vlb_weight == 0.5
+    with pytest.raises(ValueError, match=r"Unknown objective 'eps'.*'ddpm_eps', 'ddpm_v', 'flow'"):
+        make_objective("eps")
+
+
+def test_default_objective_reproduces_earlier_results():
+    # make_objective() must draw and compute exactly what DDPMObjective(make_ddpm_scheduler()) always did:
+    # timesteps by torch.randint on the generator, then the noise.
+    model, x0, labels = tiny_dit(), quantised_images(), torch.tensor([0, 1, 2, 3])
+    new = make_objective()(model, x0, labels, generator=torch.Generator().manual_seed(7))
+    old = DDPMObjective(make_ddpm_scheduler())(model, x0, labels, generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    expected_t = torch.randint(0, T, (4,), generator=generator)
+    assert torch.equal(new.timesteps, expected_t)
+    assert torch.equal(new.loss_per_sample, old.loss_per_sample) and torch.equal(new.vlb, old.vlb)
+    noise = torch.randn(x0.shape, generator=generator)
+    explicit = make_objective()(model, x0, labels, timesteps=expected_t, noise=noise)
+    assert torch.equal(explicit.loss_per_sample, new.loss_per_sample)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Randomness
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -447,9 +555,10 @@ def test_rejects_non_ddpm_scheduler():
         DDPMObjective(DDIMScheduler())
 
 
-def test_rejects_v_prediction():
-    scheduler = DDPMScheduler(prediction_type="v_prediction", variance_type="learned_range")
-    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+def test_rejects_sample_prediction():
+    # ε and v are trained; x_0-prediction ("sample") is not.
+    scheduler = DDPMScheduler(prediction_type="sample", variance_type="learned_range")
+    with pytest.raises(ValueError, match="prediction_type='epsilon'` or `prediction_type='v_prediction'"):
         DDPMObjective(scheduler)
 
 

@@ -11,9 +11,16 @@ import PIL.Image
 import pytest
 import torch
 from conftest import ID2LABEL, ddpm_scheduler, gen, make_pipe, tiny_dit
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 from dit_hf import DiTModel, DiTPipeline
+from dit_hf.objective import make_objective, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = [3, 7]
@@ -176,6 +183,23 @@ def test_learned_variance_scheduler_needs_a_variance_prediction():
         sample(pipe)
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
     assert torch.isfinite(sample(pipe)).all()
+
+
+@pytest.mark.parametrize("family", ["ddpm", "ddim"])
+def test_v_prediction_pipeline_matches_manual_loop(family):
+    # DDPM takes [v, variance] and uses the learned variance; DDIM takes v alone.
+    model = tiny_dit()
+    scheduler = make_scheduler(make_objective("ddpm_v"), family)
+    assert scheduler.config.prediction_type == "v_prediction"
+    pipe = DiTPipeline(transformer=model, scheduler=scheduler, objective="ddpm_v")
+    pipe.set_progress_bar_config(disable=True)
+    latents = sample(pipe, steps=3, guidance_scale=4.0)
+    manual_scheduler = make_scheduler(make_objective("ddpm_v"), family)
+    expected = manual_sample(model, LABELS, steps=3, guidance_scale=4.0, scheduler=manual_scheduler)
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=0)
+    # Read as ε, the same outputs give other samples.
+    as_eps = make_pipe(model, make_scheduler(make_objective(), family))
+    assert (sample(as_eps, steps=3, guidance_scale=4.0) - latents).abs().max() > 1e-2
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -368,27 +392,39 @@ sys.modules["dit_hf"] = None  # `import dit_hf` now raises ImportError, as in a 
 import torch
 from diffusers import DiffusionPipeline
 
-try:
-    DiffusionPipeline.from_pretrained(sys.argv[1])
-    refusal = None
-except Exception as err:
-    refusal = f"{type(err).__name__}: {err}"
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-modules = [type(pipe).__module__, type(pipe.transformer).__module__]
-assert not any(module.startswith("dit_hf") for module in modules), modules
-pipe.set_progress_bar_config(disable=True)
-kwargs = dict(class_labels=["goldfish", 7], num_inference_steps=2, guidance_scale=4.0)
-images = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="np").images
-latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
-print(json.dumps({"refusal": refusal, "modules": modules, "np": images.tolist(), "latent": latents.tolist()}))
+results = []
+for folder in sys.argv[1:]:
+    try:
+        DiffusionPipeline.from_pretrained(folder)
+        refusal = None
+    except Exception as err:
+        refusal = f"{type(err).__name__}: {err}"
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    modules = [type(pipe).__module__, type(pipe.transformer).__module__]
+    assert not any(module.startswith("dit_hf") for module in modules), modules
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(class_labels=["goldfish", 7], num_inference_steps=2, guidance_scale=4.0)
+    images = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="np").images
+    latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    results.append({
+        "refusal": refusal, "modules": modules, "objective": pipe.config.objective,
+        "scheduler": type(pipe.scheduler).__name__, "np": images.tolist(), "latent": latents.tolist(),
+    })
+print(json.dumps(results))
 """
 
 
 def test_loads_as_remote_code_without_dit_hf(saved_pipeline, tmp_path):
+    # A flow-matching pipeline too: its objective must reach __init__ through diffusers' own loader.
+    flow_folder = tmp_path / "tiny-dit-flow"
+    flow = DiTPipeline(
+        tiny_dit(learn_sigma=False), FlowMatchEulerDiscreteScheduler(), id2label=ID2LABEL, objective="flow"
+    )
+    flow.save_pretrained(flow_folder)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(saved_pipeline)],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(saved_pipeline), str(flow_folder)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -396,15 +432,21 @@ def test_loads_as_remote_code_without_dit_hf(saved_pipeline, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["refusal"] is not None and "trust_remote_code" in result["refusal"]
-    assert all(module.endswith(("pipeline_dit", "modeling_dit")) for module in result["modules"])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(r["objective"], r["scheduler"]) for r in results] == [
+        ("ddpm_eps", "DDPMScheduler"),
+        ("flow", "FlowMatchEulerDiscreteScheduler"),
+    ]
+    for folder, result in zip((saved_pipeline, flow_folder), results):
+        assert result["refusal"] is not None and "trust_remote_code" in result["refusal"]
+        assert all(module.endswith(("pipeline_dit", "modeling_dit")) for module in result["modules"])
 
-    pipe = DiTPipeline.from_pretrained(saved_pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    labels = ["goldfish", 7]
-    np.testing.assert_allclose(result["np"], sample(pipe, labels, guidance_scale=4.0, output_type="np"), atol=1e-6)
-    np.testing.assert_allclose(result["latent"], sample(pipe, labels, guidance_scale=4.0).numpy(), atol=1e-5)
+        pipe = DiTPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        labels = ["goldfish", 7]
+        expected_np = sample(pipe, labels, guidance_scale=4.0, output_type="np")
+        np.testing.assert_allclose(result["np"], expected_np, atol=1e-6)
+        np.testing.assert_allclose(result["latent"], sample(pipe, labels, guidance_scale=4.0).numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["pipeline_dit.py", "modeling_dit.py"])

@@ -15,14 +15,121 @@ import shutil
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, snapshot_download
 
 # How the custom code is named inside a saved folder (model_index.json refers to these module names).
 PIPELINE_MODULE = "pipeline_dit"
 TRANSFORMER_MODULE = "modeling_dit"
+
+# Training objectives (see dit_hf.objective) and the `prediction_type` diffusion schedulers need for each.
+OBJECTIVES = ("ddpm_eps", "ddpm_v", "flow")
+DDPM_PREDICTION_TYPES = {"ddpm_eps": "epsilon", "ddpm_v": "v_prediction"}
+# Scheduler families by name, for `make_matching_scheduler`.
+DDPM_FAMILIES = ("ddpm", "ddim", "dpm")
+FLOW_FAMILIES = ("euler", "heun")
+
+
+def uses_flow_sigmas(scheduler: SchedulerMixin) -> bool:
+    """Whether a scheduler integrates the flow-matching path x_σ = (1 - σ) x_0 + σ ε rather than a DDPM chain."""
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas"))
+
+
+def check_scheduler_matches(objective: str, scheduler: SchedulerMixin):
+    """Raise a `ValueError` naming the fix when `scheduler` cannot sample a model trained with `objective`."""
+    name = type(scheduler).__name__
+    prediction_type = scheduler.config.get("prediction_type")
+    if objective == "flow":
+        if not uses_flow_sigmas(scheduler):
+            raise ValueError(
+                f"The model was trained with the 'flow' objective (it predicts a velocity), but {name} is a "
+                "diffusion scheduler; use a flow-matching one with the training T and shift, e.g. the one saved "
+                "with the model or `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)` "
+                "(`FlowMatchHeunDiscreteScheduler` for 2nd order)."
+            )
+        if prediction_type not in (None, "flow_prediction"):
+            raise ValueError(
+                f"The model was trained with the 'flow' objective, but {name} has prediction_type="
+                f"{prediction_type!r}; build it with `prediction_type='flow_prediction'`."
+            )
+        if scheduler.config.get("use_dynamic_shifting"):
+            raise ValueError(
+                f"DiTPipeline samples with a fixed shift, but {name} has use_dynamic_shifting=True; build it with "
+                "`use_dynamic_shifting=False, shift=...`."
+            )
+        return
+    expected = DDPM_PREDICTION_TYPES[objective]
+    if uses_flow_sigmas(scheduler):
+        raise ValueError(
+            f"The model was trained with the {objective!r} objective (prediction_type={expected!r}), but {name} is "
+            "a flow-matching scheduler; use a diffusion scheduler (DDPM, DDIM, DPM-Solver) built from the training "
+            "schedule, e.g. the one saved with the model: `DDPMScheduler.from_pretrained(model, subfolder="
+            "'scheduler')`."
+        )
+    if (prediction_type or "epsilon") != expected:
+        raise ValueError(
+            f"The model was trained with the {objective!r} objective, but {name} has prediction_type="
+            f"{prediction_type!r}; use `{name}.from_config(pipe.scheduler.config, prediction_type={expected!r})` "
+            "or `pipe.matching_scheduler(family)`."
+        )
+
+
+def make_matching_scheduler(objective: str, family: str, config: dict) -> SchedulerMixin:
+    """
+    A scheduler of the named family that samples a model trained with `objective`.
+
+    Args:
+        objective (`str`): `"ddpm_eps"`, `"ddpm_v"` or `"flow"`.
+        family (`str`): For the DDPM objectives `"ddpm"` (ancestral; uses a learned variance), `"ddim"` or `"dpm"`
+            (DPM-Solver++ multistep). For `"flow"`: `"euler"` or `"heun"` (2nd order, 2 model calls per step but
+            the last). (`DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")` is
+            accepted too, but it feeds the model ⌊σ · T⌋ rather than σ · T, which limits its accuracy.)
+        config (`dict`): Config of a scheduler built for the training (e.g. `pipe.scheduler.config`), which gives
+            the DDPM beta schedule, or the flow T and `shift` (`{"num_train_timesteps": T, "shift": s}` will do).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {objective!r}; choose one of {list(OBJECTIVES)}.")
+    families = FLOW_FAMILIES if objective == "flow" else DDPM_FAMILIES
+    if family not in families:
+        raise ValueError(
+            f"Unknown scheduler family {family!r} for the {objective!r} objective; choose one of {list(families)}."
+        )
+    if objective == "flow":
+        if config.get("use_flow_sigmas"):
+            shift = config["flow_shift"]
+        elif "shift" in config:
+            shift = config["shift"]
+        else:
+            raise ValueError(
+                "The scheduler config has no `shift` (it is not a flow-matching scheduler's), so the sampling shift "
+                "is unknown; pass `{'num_train_timesteps': T, 'shift': s}` or build the scheduler directly."
+            )
+        num_train_timesteps = config.get("num_train_timesteps", 1000)
+        if family == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+        return FlowMatchHeunDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    if "beta_schedule" not in config or config.get("use_flow_sigmas"):
+        raise ValueError(
+            "The scheduler config has no `beta_schedule` (it is not a diffusion scheduler's), so the noise schedule "
+            "is unknown; pass the config of the scheduler saved with the model "
+            "(`DDPMScheduler.load_config(model, subfolder='scheduler')`)."
+        )
+    prediction_type = DDPM_PREDICTION_TYPES[objective]
+    if family == "ddpm":
+        return DDPMScheduler.from_config(config, prediction_type=prediction_type)
+    if family == "ddim":
+        return DDIMScheduler.from_config(config, prediction_type=prediction_type)
+    # DPM-Solver would keep 3 channels of a prediction with a learned variance_type; the pipeline drops them.
+    return DPMSolverMultistepScheduler.from_config(config, prediction_type=prediction_type, variance_type=None)
 
 
 def image_grid(images: list[PIL.Image.Image], cols: int) -> PIL.Image.Image:
@@ -45,21 +152,29 @@ class DiTPipeline(DiffusionPipeline):
     Args:
         transformer ([`DiTModel`]): The class-conditional denoiser (any model with the same call signature works,
             e.g. diffusers' `DiTTransformer2DModel`).
-        scheduler ([`SchedulerMixin`]): Any diffusers noise scheduler built for the training schedule, e.g.
-            `DDPMScheduler` (uses the learned variance), `DDIMScheduler`, `DPMSolverMultistepScheduler`.
+        scheduler ([`SchedulerMixin`]): A diffusers scheduler that matches `objective` (checked when sampling):
+            for `"ddpm_eps"` / `"ddpm_v"` one built for the training schedule with `prediction_type` `"epsilon"` /
+            `"v_prediction"`, e.g. `DDPMScheduler` (uses the learned variance), `DDIMScheduler`,
+            `DPMSolverMultistepScheduler`; for `"flow"` `FlowMatchEulerDiscreteScheduler` or
+            `FlowMatchHeunDiscreteScheduler` with the training T. See [`~DiTPipeline.matching_scheduler`].
         vae ([`AutoencoderKL`], *optional*): Decodes latents into images. `None` for a pixel-space model.
         id2label (`dict[int, str]`, *optional*): Class names; a name may list synonyms separated by commas.
+        objective (`str`, defaults to `"ddpm_eps"`): What the model predicts: `"ddpm_eps"` (ε, DiT), `"ddpm_v"`
+            (v) or `"flow"` (the flow-matching velocity ε - x_0). Saved in model_index.json; folders saved
+            without it are `"ddpm_eps"`.
     """
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, transformer, scheduler, vae=None, id2label: dict | None = None):
+    def __init__(self, transformer, scheduler, vae=None, id2label: dict | None = None, objective: str = "ddpm_eps"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"Unknown `objective` {objective!r}; choose one of {list(OBJECTIVES)}.")
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         # JSON turns int keys into strings: normalise so a reloaded pipeline compares equal.
         id2label = {int(k): str(v) for k, v in id2label.items()} if id2label else None
-        self.register_to_config(id2label=id2label)
+        self.register_to_config(id2label=id2label, objective=objective)
         self.labels = {}
         for class_id, names in (id2label or {}).items():
             for name in names.split(","):
@@ -88,6 +203,14 @@ class DiTPipeline(DiffusionPipeline):
                 ids.append(class_id)
         return ids
 
+    def matching_scheduler(self, family: str) -> SchedulerMixin:
+        """
+        A scheduler of the named family for this pipeline's objective, built from the current scheduler's config
+        (which keeps the training schedule): `pipe.scheduler = pipe.matching_scheduler("dpm")`. Families:
+        `"ddpm"`, `"ddim"`, `"dpm"` for the DDPM objectives; `"euler"`, `"heun"` for `"flow"`.
+        """
+        return make_matching_scheduler(self.config.objective, family, self.scheduler.config)
+
     def _sample_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.transformer.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
@@ -101,7 +224,9 @@ class DiTPipeline(DiffusionPipeline):
         )
 
     def _check_scheduler(self, latent_channels: int):
-        """Reject a scheduler that would drop noise channels: the pipeline already removes the variance channels."""
+        """Reject a scheduler for another objective, or one that would drop channels of the prediction (the
+        pipeline already removes the variance channels)."""
+        check_scheduler_matches(self.config.objective, self.scheduler)
         name = type(self.scheduler).__name__
         variance_type = self.scheduler.config.get("variance_type")
         # DPM-Solver with a learned variance_type keeps `model_output[:, :3]`, which assumes 3 latent channels.
@@ -145,8 +270,9 @@ class DiTPipeline(DiffusionPipeline):
                 the conditional branch. `None` guides all; 3 reproduces the released DiT sampler on 4-channel latents.
             num_images (`int`, *optional*): Batch size for an unconditional model (`class_labels=None`).
             guidance_interval (`tuple[float, float]`, *optional*): Apply guidance only at steps whose noise level
-                `t / num_train_timesteps` lies in `[low, high]` (1.0 is pure noise); other steps run the conditional
-                model alone, which also saves their unconditional forward. `None` guides every step.
+                `t / num_train_timesteps` lies in `[low, high]` (1.0 is pure noise; for flow schedulers t = σ · T, so
+                the level is σ); other steps run the conditional model alone, which also saves their unconditional
+                forward. `None` guides every step.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images.
@@ -196,7 +322,8 @@ class DiTPipeline(DiffusionPipeline):
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         else:
             latents = latents.to(device=device, dtype=dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        # Flow-matching schedulers start from unit noise and define no `init_noise_sigma`.
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
         if conditional:
             labels = torch.tensor(label_ids, device=device)
@@ -245,28 +372,30 @@ class DiTPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             guide = do_cfg and self._guided_at(t, guidance_interval)
             model_input = torch.cat([latents, latents]) if guide else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
+                model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t.to(latents.device).reshape(1).expand(model_input.shape[0])
             step_labels = labels if guide or labels is None else labels[: latents.shape[0]]
             out = self.transformer(model_input, timesteps, step_labels).sample  # (B, C or 2C, H, W)
-            eps, rest = out[:, :latent_channels], out[:, latent_channels:]
+            # The prediction is ε, v or the flow velocity; guidance extrapolates any of them linearly.
+            pred, rest = out[:, :latent_channels], out[:, latent_channels:]
             if guide:
                 k = guidance_channels or latent_channels
-                cond, uncond = eps.chunk(2)
+                cond, uncond = pred.chunk(2)
                 guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
-                eps = torch.cat([guided, cond[:, k:]], dim=1)
+                pred = torch.cat([guided, cond[:, k:]], dim=1)
                 rest = rest.chunk(2)[0]
             if learned_variance:
-                # DDPM with a learned variance takes [eps, v]; other schedulers take eps alone.
+                # DDPM with a learned variance takes [prediction, variance]; other schedulers the prediction alone.
                 if rest.shape[1] != latent_channels:
                     raise ValueError(
                         f"The scheduler's variance_type={self.scheduler.config.variance_type!r} needs a model that "
                         "predicts the variance (`learn_sigma=True`); for this model build the scheduler with "
                         "`variance_type='fixed_small'`."
                     )
-                model_output = torch.cat([eps, rest], dim=1)
+                model_output = torch.cat([pred, rest], dim=1)
             else:
-                model_output = eps
+                model_output = pred
             latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
         return latents
 
@@ -334,9 +463,10 @@ class DiTPipeline(DiffusionPipeline):
         """
         Load a saved pipeline (a local folder or a Hub repo id) with this class and dit_hf's `DiTModel`.
 
-        Components can be replaced by passing them (e.g. `scheduler=DDIMScheduler.from_config(...)`); `torch_dtype`
-        casts the models; `cache_dir`, `revision`, `token`, `local_files_only` and `force_download` are passed
-        to the Hub download. Without dit_hf installed this falls back to diffusers' loader (remote code).
+        Components can be replaced by passing them (e.g. `scheduler=DDIMScheduler.from_config(...)`), and so can
+        `id2label` and `objective` (read from model_index.json, `"ddpm_eps"` if absent); `torch_dtype` casts the
+        models; `cache_dir`, `revision`, `token`, `local_files_only` and `force_download` are passed to the Hub
+        download. Without dit_hf installed this falls back to diffusers' loader (remote code).
         """
         try:
             # No import statement on purpose: diffusers scans this file's imports when it travels as remote code.
@@ -347,6 +477,7 @@ class DiTPipeline(DiffusionPipeline):
         torch_dtype = kwargs.pop("torch_dtype", None)
         components = {name: kwargs.pop(name) for name in ("transformer", "scheduler", "vae") if name in kwargs}
         id2label = kwargs.pop("id2label", None)
+        objective = kwargs.pop("objective", None)
         hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download")
         hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         if kwargs:
@@ -371,4 +502,4 @@ class DiTPipeline(DiffusionPipeline):
             components[name] = component_cls.from_pretrained(folder, subfolder=name, **load_kwargs)
         if id2label is None:
             id2label = index.get("id2label")
-        return cls(**components, id2label=id2label)
+        return cls(**components, id2label=id2label, objective=objective or index.get("objective", "ddpm_eps"))
