@@ -302,16 +302,27 @@ class FeatureStats:
             )
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
+def _check_covariance(sigma: np.ndarray, name: str) -> np.ndarray:
+    """Eigen-decomposition of a symmetric PSD matrix; clear error when it is not one (NaN features, wrong file)."""
+    if not np.isfinite(sigma).all():
+        raise ValueError(f"{name} has NaN or inf entries: check the features for NaN or inf.")
+    # torch's LAPACK: ~4× faster than numpy's OpenBLAS eigh at 2048 dimensions on the CPUs tried.
+    values, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy((sigma + sigma.T) / 2)))
+    if values.min() < -1e-6 * max(1.0, abs(values.max())):
+        raise ValueError(
+            f"{name} has a negative eigenvalue ({values.min():.3g}): the statistics are not valid covariances "
+            "(check the features for NaN or inf, or recompute the statistics)."
+        )
+    return values.clip(min=0.0), vectors
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½), the Fréchet distance of two Gaussians (Heusel et al. 2017), float64.
 
-    With fewer images than dimensions the covariances, and S1 S2, are singular; `scipy.linalg.sqrtm` still returns an
-    accurate root then (the trace agrees with an eigenvalue computation to ~1e-7 on Inception features of 24 images),
-    and adding `eps` to the diagonals would bias FID (by 0.005 in that case). So `eps` is added, and the root taken
-    again, only when the first root fails: non-finite, or not a square root. The root may carry rounding-size
-    imaginary parts; they are dropped, and a large imaginary part on the diagonal raises ValueError.
+    S1 S2 is similar to the symmetric PSD matrix S1^½ S2 S1^½, so Tr (S1 S2)^½ is the sum of the square roots of the
+    latter's eigenvalues. Two symmetric eigendecompositions replace the usual `scipy.linalg.sqrtm` of a non-symmetric
+    product: the same value (to ~1e-9 relative in the tests), no imaginary parts to drop, no `eps` fix-up for the
+    singular covariances of small sets, and at 2048 dimensions seconds instead of a minute on a small CPU.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -320,25 +331,13 @@ def frechet_distance(
             f"Statistics of different shapes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}; "
             "both sets must come from the same feature network."
         )
-    product = sigma1 @ sigma2
-    with warnings.catch_warnings():  # "Matrix is singular": expected for few images; the root is checked below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        root = scipy.linalg.sqrtm(product)
-    residual = np.linalg.norm(root @ root - product) / max(np.linalg.norm(product), np.finfo(np.float64).tiny)
-    if not np.isfinite(root).all() or residual > 1e-3:
-        warnings.warn(f"sqrtm(S1 S2) failed (residual {residual:.2g}); adding {eps} to the diagonals.", stacklevel=2)
-        offset = eps * np.eye(len(mu1))
-        root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(root):
-        diagonal = np.diagonal(root)
-        if np.abs(diagonal.imag).max() > 1e-3 * max(1.0, np.abs(diagonal.real).max()):
-            raise ValueError(
-                f"sqrtm(S1 S2) has imaginary diagonal entries up to {np.abs(diagonal.imag).max():.3g}: the statistics "
-                "are not valid covariances (check the features for NaN or inf)."
-            )
-        root = root.real
+    values, vectors = _check_covariance(sigma1, "sigma1")
+    _check_covariance(sigma2, "sigma2")
+    root1 = (vectors * np.sqrt(values)) @ vectors.T
+    middle = root1 @ sigma2 @ root1
+    trace_root = np.sqrt(torch.linalg.eigvalsh(torch.from_numpy((middle + middle.T) / 2)).numpy().clip(min=0.0)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
 
 
 def fid_from_stats(stats1: FeatureStats, stats2: FeatureStats) -> float:
