@@ -372,4 +372,4 @@ def test_make_digits_encoder_command(tmp_path, capsys):
     summary = main(["make-digits-encoder", "--output", str(tmp_path), "--max_steps", "1"])
     assert summary["max_steps"] == 1
     assert f"held-out accuracy {summary['test_accuracy']:.1%}" in capsys.readouterr().out
-    assert AutoModel.from_pretrained(str(tmp_path)).config.hidden_size == 96
+    assert AutoModel.from_pretrained(str(tmp_path)).config.hidden_size == 64
