@@ -343,9 +343,10 @@ def capture_block_tokens(model: nn.Module, repa_depth: int) -> Iterator[Captured
     """Within the block, `captured.tokens` is the output of DiT block `repa_depth` (1-based, as in REPA) of the
     latest forward of `model`, with its autograd graph.
 
-    Pass the unwrapped DiT (`accelerator.unwrap_model(model)`): hooks on its blocks also fire when the DDP-wrapped or
-    compiled model runs. Compute the REPA loss from the tokens before calling backward outside the `with`: with
-    gradient checkpointing the block runs again during backward, and the hook is gone by then.
+    Pass the unwrapped DiT (`accelerator.unwrap_model(model)`): hooks on its blocks also fire when the DDP-wrapped
+    model or its regionally compiled blocks (`compile_repeated_blocks`) run. Backward may come inside or after the
+    `with`; with gradient checkpointing, a backward inside recomputes the block and fires the hook again, which only
+    replaces `captured.tokens` by equal values.
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
