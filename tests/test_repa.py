@@ -238,6 +238,19 @@ def test_capture_matches_manual_partial_forward():
     assert not model.blocks[2]._forward_hooks  # removed on exit
 
 
+@pytest.mark.slow
+def test_capture_with_compiled_blocks():
+    model, compiled = tiny_dit(**DIT), tiny_dit(**DIT)
+    compiled.compile_repeated_blocks(fullgraph=True)
+    x, t, y = dit_inputs()
+    with capture_block_tokens(model, 2) as expected:
+        model(x, t, y)
+    for step in range(3):  # a new hook every step must neither be missed nor force a recompilation
+        with torch._dynamo.config.patch(error_on_recompile=step > 0), capture_block_tokens(compiled, 2) as captured:
+            compiled(x, t, y)
+        torch.testing.assert_close(captured.tokens, expected.tokens, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradients_reach_blocks_up_to_depth_only(dinov2_path, checkpointing):
     encoder = REPAEncoder(dinov2_path)
