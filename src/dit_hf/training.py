@@ -60,6 +60,8 @@ class StepRandomness:
         sample_shape: shape of one training sample (C, H, W). device: where the tensors go.
         label_dropout: probability of replacing a label by the null class (0 disables).
         posterior_noise: also draw a noise tensor for sampling cached VAE posteriors.
+        sample_timesteps: `objective.sample_timesteps` (batch_size, device, generator) -> timesteps, for objectives
+            with their own timestep distribution (logit-normal, shifted, flow); default uniform integers in [0, T).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class StepRandomness:
         device: torch.device,
         label_dropout: float = 0.0,
         posterior_noise: bool = False,
+        sample_timesteps=None,
     ):
         self.seed = seed
         self.num_train_timesteps = num_train_timesteps
@@ -79,6 +82,7 @@ class StepRandomness:
         self.device = device
         self.label_dropout = label_dropout
         self.posterior_noise = posterior_noise
+        self.sample_timesteps = sample_timesteps
         self._step = None
         self._draws = None
 
@@ -88,10 +92,11 @@ class StepRandomness:
         # different device types (CPU vs CUDA) draw different numbers.
         g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step)
         n, device = self.global_batch, self.device
-        draws = {
-            "timesteps": torch.randint(0, self.num_train_timesteps, (n,), generator=g, device=device),
-            "noise": torch.randn((n, *self.sample_shape), generator=g, device=device),
-        }
+        if self.sample_timesteps is None:
+            timesteps = torch.randint(0, self.num_train_timesteps, (n,), generator=g, device=device)
+        else:
+            timesteps = self.sample_timesteps(n, device, generator=g)
+        draws = {"timesteps": timesteps, "noise": torch.randn((n, *self.sample_shape), generator=g, device=device)}
         if self.label_dropout > 0:
             draws["drop"] = torch.rand(n, generator=g, device=device) < self.label_dropout
         if self.posterior_noise:

@@ -1,0 +1,113 @@
+"""train_dit.py with the modern options: objectives, block options, DDT head, in-training FID."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from test_train import run
+
+from dit_hf import DiTPipeline
+from dit_hf.objective import make_objective
+from dit_hf.training import StepRandomness
+
+
+def test_flow_objective_with_lightning_options_and_ddt_head(tmp_path):
+    summary = run(
+        tmp_path,
+        "--max_train_steps", "3", "--objective", "flow", "--timestep_sampling", "logit_normal",
+        "--time_shift", "auto", "--qk_norm", "--norm_type", "rms", "--mlp_type", "swiglu",
+        "--pos_embed_type", "rope2d", "--head_depth", "1", "--head_hidden_size", "48", "--head_num_heads", "2",
+    )  # fmt: skip
+    assert summary["steps"] == 3
+    pipe = DiTPipeline.from_pretrained(tmp_path)
+    assert pipe.config.objective == "flow"
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    # 8×8×1 digits: shift = sqrt(64 / 4096) = 0.125, used for training and saved for sampling.
+    assert pipe.scheduler.config.shift == pytest.approx(0.125)
+    config = pipe.transformer.config
+    assert (config.qk_norm, config.norm_type, config.mlp_type, config.pos_embed_type) == (
+        True,
+        "rms",
+        "swiglu",
+        "rope2d",
+    )
+    assert (config.head_depth, config.head_hidden_size, config.learn_sigma) == (1, 48, False)
+    images = pipe([0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1)  # grayscale digits
+
+
+def test_v_prediction_objective_saves_a_matching_scheduler(tmp_path):
+    run(tmp_path, "--max_train_steps", "2", "--objective", "ddpm_v")
+    pipe = DiTPipeline.from_pretrained(tmp_path)
+    assert pipe.config.objective == "ddpm_v"
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.variance_type == "learned_range"
+
+
+def test_recipe_preset_keeps_its_options_unless_overridden(tmp_path):
+    import train_dit
+
+    tiny = ["--model", "LightningDiT-B/2", "--hidden_size", "32", "--depth", "2", "--num_heads", "2"]
+    args = train_dit.parse_args([*tiny, "--objective", "flow", "--output_dir", str(tmp_path)])
+    model = train_dit.build_model(args, num_classes=10, in_channels=1, sample_size=8)
+    assert (model.config.norm_type, model.config.mlp_type, model.config.pos_embed_type) == ("rms", "swiglu", "rope2d")
+    args = train_dit.parse_args([*tiny, "--mlp_type", "gelu", "--output_dir", str(tmp_path)])
+    model = train_dit.build_model(args, num_classes=10, in_channels=1, sample_size=8)
+    assert model.config.mlp_type == "gelu" and model.config.norm_type == "rms"
+
+
+def test_step_randomness_draws_timesteps_from_the_objective():
+    objective = make_objective("flow", timestep_sampling="logit_normal", logit_mean=1.5, logit_std=0.5)
+
+    def draw():
+        randomness = StepRandomness(0, 1000, 4096, (1, 2, 2), "cpu", sample_timesteps=objective.sample_timesteps)
+        return randomness.rows(0, 0, 4096)["timesteps"]
+
+    t = draw()
+    assert t.dtype == torch.float32 and 0 <= t.min() and t.max() <= 1000
+    logits = torch.logit(t / 1000)
+    assert logits.mean().item() == pytest.approx(1.5, abs=0.05) and logits.std().item() == pytest.approx(0.5, abs=0.05)
+    # Same step, same draws; the uniform default is still integers in [0, T).
+    assert torch.equal(draw(), t)
+    plain = StepRandomness(0, 1000, 8, (1, 2, 2), torch.device("cpu")).rows(0, 0, 8)["timesteps"]
+    assert plain.dtype == torch.long
+
+
+class PoolFeatures(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def test_eval_steps_log_fid_and_accuracy(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the reference cache goes here
+    network = tmp_path / "pool.pt"
+    torch.jit.script(PoolFeatures()).save(str(network))
+    out = tmp_path / "run"
+    summary = run(out, "--max_train_steps", "3", "--eval_steps", "2", "--eval_samples", "20",
+                  "--eval_batch_size", "8", "--inception", str(network))  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval/fid" in row]
+    assert [row["step"] for row in evals] == [2, 3]  # every 2 steps and at the end
+    for row in evals:
+        assert row["eval/fid"] > 0 and 0 <= row["eval/digits_accuracy"] <= 1
+        assert 0 <= row["eval/precision"] <= 1 and 0 <= row["eval/recall"] <= 1
+    assert summary["eval"]["step"] == 3 and summary["eval"]["fid"] == evals[-1]["eval/fid"]
+    assert len(list((tmp_path / "hf" / "dit_hf" / "fid").glob("*.npz"))) == 1  # reference statistics cached
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--objective", "flow", "--learn_sigma"], "flow learns no variance"),
+        (["--time_shift", "0"], "--time_shift must be a positive number or 'auto'"),
+        (["--eval_samples", "0"], "--eval_samples must be a positive integer"),
+    ],
+)
+def test_bad_recipe_arguments(tmp_path, extra, message):
+    import train_dit
+
+    with pytest.raises(ValueError, match=message):
+        train_dit.parse_args(["--output_dir", str(tmp_path), *extra])
