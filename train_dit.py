@@ -161,6 +161,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default="1",
         help="Noise-level shift s (sigma' = s sigma / (1 + (s - 1) sigma)); 'auto' = sqrt(C*H*W / 4096) as in RAE.",
     )
+    repa = parser.add_argument_group("REPA: align an early block's tokens with a frozen vision encoder (off)")
+    repa.add_argument("--repa_encoder", default=None, help="transformers vision model id or path, e.g. a DINOv2.")
+    repa.add_argument("--repa_depth", type=int, default=None, help="1-based block to align (default: depth // 3).")
+    repa.add_argument("--repa_coeff", type=float, default=0.5, help="Weight of the alignment loss (REPA: 0.5).")
+    repa.add_argument("--repa_projector_dim", type=int, default=2048)
     model.add_argument("--vae", default=None, help="AutoencoderKL repo id or path: train in its latent space.")
     model.add_argument("--vae_subfolder", default=None, help="E.g. 'vae' for a full pipeline repo.")
     model.add_argument("--cache_latents", default=None, metavar="DIR", help="Encode the data once into DIR.")
@@ -260,6 +265,13 @@ def validate_args(args):
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if args.eval_samples is None:
         args.eval_samples = 256
+    if args.repa_encoder and args.cache_latents:
+        raise ValueError(
+            "--repa_encoder needs the images of each batch, which a latent cache does not hold: drop --cache_latents "
+            "(latents are then encoded on the fly) or drop --repa_encoder."
+        )
+    if args.repa_encoder and not args.repa_coeff > 0:
+        raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {args.repa_coeff}.")
     check_output_dir(args.output_dir)
 
 
@@ -524,11 +536,22 @@ def main(args: argparse.Namespace) -> dict:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     objective = build_objective(args, (in_channels, sample_size, sample_size))
+    encoder = projector = None
+    if args.repa_encoder:
+        from dit_hf.repa import REPAEncoder, REPAProjector
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        encoder = REPAEncoder(args.repa_encoder, dtype=dtype, cache_dir=args.cache_dir).to(accelerator.device)
+        args.repa_depth = args.repa_depth or max(1, model.config.depth // 3)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 1)
+            projector = REPAProjector(model.config.hidden_size, encoder.hidden_size, args.repa_projector_dim)
     ema = EMAModels(model, parse_ema_decays(args.ema_decay))
     accelerator.register_for_checkpointing(ema)
 
+    trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        trained_params,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -552,6 +575,8 @@ def main(args: argparse.Namespace) -> dict:
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
+    if projector is not None:
+        projector = accelerator.prepare(projector)
     ema.to(accelerator.device)
     if vae is not None:
         vae.to(accelerator.device)
@@ -560,14 +585,17 @@ def main(args: argparse.Namespace) -> dict:
         # Checkpoints hold diffusers folders (loadable with from_pretrained) instead of raw state dicts.
         if accelerator.is_main_process:
             for m in models:
-                accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "transformer"))
+                m = accelerator.unwrap_model(m)
+                m.save_pretrained(
+                    os.path.join(output_dir, "transformer" if isinstance(m, DiTModel) else "repa_projector")
+                )
         weights.clear()
 
     def load_model_hook(models, input_dir):
         for _ in range(len(models)):
-            m = models.pop()
-            loaded = DiTModel.from_pretrained(input_dir, subfolder="transformer")
-            accelerator.unwrap_model(m).load_state_dict(loaded.state_dict())
+            m = accelerator.unwrap_model(models.pop())
+            cls, subfolder = (DiTModel, "transformer") if isinstance(m, DiTModel) else (type(m), "repa_projector")
+            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder).state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -626,7 +654,7 @@ def main(args: argparse.Namespace) -> dict:
         disable=not accelerator.is_local_main_process,
     )
     # Running sums stay on the device between log steps: no host synchronisation inside the loop.
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, micro-batches, grad norm
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, micro-batches, grad norm, REPA
     quartiles = torch.zeros(2, 4, dtype=torch.float64, device=accelerator.device)
     window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
     model.train()
@@ -657,11 +685,24 @@ def main(args: argparse.Namespace) -> dict:
                     x0 = batch["pixel_values"]
             # Label dropout drawn by StepRandomness rather than inside the model, for the same reason as the noise.
             denoiser = functools.partial(model, force_drop_ids=draws.get("drop"))
-            with accelerator.accumulate(model):
-                out = objective(denoiser, x0, labels, timesteps=draws["timesteps"], noise=draws["noise"])
-                accelerator.backward(out.loss)
+            trained = (model,) if projector is None else (model, projector)
+            with accelerator.accumulate(*trained):
+                if projector is None:
+                    out = objective(denoiser, x0, labels, timesteps=draws["timesteps"], noise=draws["noise"])
+                    loss = out.loss
+                else:
+                    from dit_hf.repa import capture_block_tokens, repa_loss
+
+                    with capture_block_tokens(unwrapped, args.repa_depth) as captured:
+                        out = objective(denoiser, x0, labels, timesteps=draws["timesteps"], noise=draws["noise"])
+                    grid = (x0.shape[-2] // patch_size, x0.shape[-1] // patch_size)
+                    targets = encoder(batch["pixel_values"], grid)  # frozen, no grad
+                    alignment = repa_loss(projector(captured.tokens), targets)
+                    loss = out.loss + args.repa_coeff * alignment
+                    sums[3] += alignment.detach().to(torch.float64)
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
                     sums[2] += grad_norm.detach().to(sums.device, torch.float64)
                 optimizer.step()
                 lr_scheduler.step()
@@ -697,6 +738,8 @@ def main(args: argparse.Namespace) -> dict:
                     "epoch": epoch,
                     "skipped_steps": state.skipped_steps,
                 }
+                if projector is not None:
+                    logs["repa_loss"] = (totals[3] / totals[1]).item()
                 if args.max_grad_norm > 0:
                     # Every process clips the same all-reduced gradients: average over steps only.
                     logs["grad_norm"] = (totals[2] / accelerator.num_processes / max(1, window["sync"])).item()

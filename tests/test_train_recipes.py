@@ -111,3 +111,44 @@ def test_bad_recipe_arguments(tmp_path, extra, message):
 
     with pytest.raises(ValueError, match=message):
         train_dit.parse_args(["--output_dir", str(tmp_path), *extra])
+
+
+def tiny_dinov2(path) -> str:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(image_size=8, patch_size=2, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32)  # fmt: skip
+    Dinov2Model(config).save_pretrained(path)
+    return str(path)
+
+
+def test_repa_trains_a_projector_and_resumes(tmp_path):
+    encoder = tiny_dinov2(tmp_path / "encoder")
+    out = tmp_path / "run"
+    repa = ["--repa_encoder", encoder, "--repa_depth", "1", "--repa_projector_dim", "24", "--checkpointing_steps", "2"]
+    run(out, "--max_train_steps", "2", *repa)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1.0 <= row["repa_loss"] <= 1.0 for row in rows)
+    projector_dir = out / "checkpoints" / "checkpoint-2" / "repa_projector"
+    from dit_hf.repa import REPAProjector
+
+    saved = REPAProjector.from_pretrained(projector_dir)
+    assert saved.config.encoder_dim == 16 and saved.config.projector_dim == 24
+    # Resuming restores the projector too: two more steps from checkpoint-2 equal an uninterrupted 4-step run.
+    run(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *repa)
+    straight = tmp_path / "straight"
+    run(straight, "--max_train_steps", "4", *repa)
+    a = REPAProjector.from_pretrained(out / "checkpoints" / "checkpoint-4" / "repa_projector").state_dict()
+    b = REPAProjector.from_pretrained(straight / "checkpoints" / "checkpoint-4" / "repa_projector").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["mlp.0.weight"], saved.state_dict()["mlp.0.weight"])  # it trained
+
+
+def test_repa_refuses_cached_latents(tmp_path):
+    import train_dit
+
+    with pytest.raises(ValueError, match="--repa_encoder needs the images"):
+        train_dit.parse_args(
+            ["--output_dir", str(tmp_path), "--repa_encoder", "x", "--vae", "v", "--cache_latents", "c"]
+        )
