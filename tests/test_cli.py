@@ -34,7 +34,8 @@ def test_sample_with_label_names(saved_pipeline, tmp_path, capsys):
     main(sample_args(saved_pipeline, by_name, "--labels", "tabby cat", "goldfish", "--cols", "1"))
     main(sample_args(saved_pipeline, by_id, "--labels", "0", "2", "--cols", "1"))
     assert by_name.read_bytes() == by_id.read_bytes()
-    assert PIL.Image.open(by_name).size == (8, 16)
+    with PIL.Image.open(by_name) as grid:
+        assert grid.size == (8, 16)
     assert "wrote 2 samples" in capsys.readouterr().out
 
 
@@ -57,3 +58,21 @@ def test_dpm_scheduler_on_4_channel_latents(tmp_path):
         # No VAE: the 4 latent channels become an RGBA image.
         assert grid.size == (16, 8) and grid.mode == "RGBA"
         assert grid.getextrema()[0] != (0, 0)
+
+
+def test_scheduler_family_follows_the_objective(tmp_path, capsys):
+    from dit_hf import DiTPipeline
+    from dit_hf.objective import make_objective, make_scheduler
+
+    folder = tmp_path / "flow"
+    pipe = DiTPipeline(tiny_dit(learn_sigma=False), make_scheduler(make_objective("flow")), objective="flow")
+    pipe.save_pretrained(folder)
+    for family in ("euler", "heun"):
+        out = tmp_path / f"{family}.png"
+        main(sample_args(folder, out, "--labels", "1", "2", "--scheduler", family))
+        assert out.is_file()
+    # A DDPM family cannot sample a flow model: refused with the families that can.
+    with pytest.raises(SystemExit) as exit_info:
+        main(sample_args(folder, tmp_path / "never.png", "--labels", "1", "--scheduler", "ddim"))
+    assert exit_info.value.code == 2
+    assert "'ddim'" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import math
 import os
 import sys
 
-SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+# Scheduler families: ddpm / ddim / dpm for DDPM-trained models, euler / heun for flow-matching models.
+SCHEDULERS = ("ddpm", "ddim", "dpm", "euler", "heun")
 
 
 def add_sample_parser(subparsers):
@@ -30,7 +31,6 @@ def add_sample_parser(subparsers):
 
 
 def run_sample(args) -> str:
-    import diffusers
     import torch
 
     from .pipeline_dit import DiTPipeline, image_grid
@@ -39,10 +39,8 @@ def run_sample(args) -> str:
         raise ValueError(f"--scale must be a positive integer, got {args.scale}.")
     pipe = DiTPipeline.from_pretrained(args.pipeline)
     if args.scheduler is not None:
-        scheduler_cls = getattr(diffusers, SCHEDULERS[args.scheduler])
-        # Only DDPM uses the learned variance; DPM-Solver with a learned variance_type would keep 3 channels only.
-        overrides = {} if args.scheduler == "ddpm" else {"variance_type": None}
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+        # The family is matched to the model's objective (e.g. DDIM with v-prediction); a wrong family is refused.
+        pipe.scheduler = pipe.matching_scheduler(args.scheduler)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     labels = None

@@ -19,7 +19,6 @@ import os
 import shutil
 import zipfile
 
-import diffusers
 import numpy as np
 import PIL.Image
 import torch
@@ -28,7 +27,6 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
-from .cli import SCHEDULERS
 from .pipeline_dit import DiTPipeline
 
 DEFAULT_WEIGHTS = "transformer"
@@ -80,15 +78,6 @@ def shard(indices: list[int], num_processes: int, process_index: int) -> list[in
 
 def batches(indices: list[int], batch_size: int) -> list[list[int]]:
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-
-
-def swap_scheduler(scheduler, name: str):
-    """A `name` scheduler ("ddpm", "ddim" or "dpm") built from `scheduler`'s config, as `dit-hf sample` does."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)} or None, got {name!r}.")
-    # Only DDPM uses the learned variance; DPM-Solver with a learned variance_type would keep 3 channels only.
-    overrides = {} if name == "ddpm" else {"variance_type": None}
-    return getattr(diffusers, SCHEDULERS[name]).from_config(scheduler.config, **overrides)
 
 
 def resolve_weights(folder: str, weights: str) -> str:
@@ -337,7 +326,7 @@ def sample_for_eval(
         source = str(pipeline) if not os.path.isdir(pipeline) else os.path.abspath(pipeline)
         pipe, weights = load_pipeline(pipeline, weights, dtype)
     if scheduler is not None:
-        pipe.scheduler = swap_scheduler(pipe.scheduler, scheduler)
+        pipe.scheduler = pipe.matching_scheduler(scheduler)
 
     conditional = pipe.num_classes > 0
     if not conditional and labels is not None:
