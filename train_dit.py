@@ -265,11 +265,6 @@ def validate_args(args):
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if args.eval_samples is None:
         args.eval_samples = 256
-    if args.repa_encoder and args.cache_latents:
-        raise ValueError(
-            "--repa_encoder needs the images of each batch, which a latent cache does not hold: drop --cache_latents "
-            "(latents are then encoded on the fly) or drop --repa_encoder."
-        )
     if args.repa_encoder and not args.repa_coeff > 0:
         raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {args.repa_coeff}.")
     check_output_dir(args.output_dir)
@@ -498,14 +493,35 @@ def main(args: argparse.Namespace) -> dict:
         args.resolution, args.center_crop, args.random_flip and not args.cache_latents, args.image_channels
     )
     train_dataset = ImageLabelDataset(ds, image_column, label_column if num_classes else None, transform)
+    encoder = None
+    if args.repa_encoder:
+        from dit_hf.repa import REPAEncoder
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        encoder = REPAEncoder(args.repa_encoder, dtype=dtype, cache_dir=args.cache_dir).to(accelerator.device)
     cached = None
     if args.cache_latents:
+        features_fn = features_id = None
+        if encoder is not None:
+            from dit_hf.repa import cache_encoder_features
+
+            # REPA targets are cached with the latents (each image and its flip), on the encoder's own grid.
+            features_fn = functools.partial(cache_encoder_features, encoder)
+            features_id = f"{args.repa_encoder} at {encoder.input_size}"
         fingerprint = cache_fingerprint(
-            args.vae, dict(vae.config), getattr(ds, "_fingerprint", ""), args.resolution, args.center_crop, len(ds)
+            args.vae,
+            dict(vae.config),
+            getattr(ds, "_fingerprint", ""),
+            args.resolution,
+            args.center_crop,
+            len(ds),
+            features=features_id,
         )
         if not check_cache(args.cache_latents, fingerprint):
             vae.to(accelerator.device)
-            encode_to_cache(accelerator, vae, train_dataset, args.cache_latents, fingerprint=fingerprint)
+            encode_to_cache(
+                accelerator, vae, train_dataset, args.cache_latents, fingerprint=fingerprint, features_fn=features_fn
+            )
         accelerator.wait_for_everyone()
         cached = BatchedCachedLatents(args.cache_latents, random_flip=args.random_flip)
         train_dataset = cached
@@ -536,12 +552,10 @@ def main(args: argparse.Namespace) -> dict:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     objective = build_objective(args, (in_channels, sample_size, sample_size))
-    encoder = projector = None
+    projector = None
     if args.repa_encoder:
-        from dit_hf.repa import REPAEncoder, REPAProjector
+        from dit_hf.repa import REPAProjector
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-        encoder = REPAEncoder(args.repa_encoder, dtype=dtype, cache_dir=args.cache_dir).to(accelerator.device)
         args.repa_depth = args.repa_depth or max(1, model.config.depth // 3)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
@@ -691,12 +705,15 @@ def main(args: argparse.Namespace) -> dict:
                     out = objective(denoiser, x0, labels, timesteps=draws["timesteps"], noise=draws["noise"])
                     loss = out.loss
                 else:
-                    from dit_hf.repa import capture_block_tokens, repa_loss
+                    from dit_hf.repa import capture_block_tokens, feature_map_to_tokens, repa_loss
 
                     with capture_block_tokens(unwrapped, args.repa_depth) as captured:
                         out = objective(denoiser, x0, labels, timesteps=draws["timesteps"], noise=draws["noise"])
                     grid = (x0.shape[-2] // patch_size, x0.shape[-1] // patch_size)
-                    targets = encoder(batch["pixel_values"], grid)  # frozen, no grad
+                    if "repa_features" in batch:  # cached with the latents
+                        targets = feature_map_to_tokens(batch["repa_features"].float(), grid)
+                    else:
+                        targets = encoder(batch["pixel_values"], grid)  # frozen, no grad
                     alignment = repa_loss(projector(captured.tokens), targets)
                     loss = out.loss + args.repa_coeff * alignment
                     sums[3] += alignment.detach().to(torch.float64)

@@ -351,3 +351,23 @@ def test_encode_rejects_bad_arguments(vae, dataset, tmp_path):
         encode_to_cache(
             Accelerator(cpu=True), vae, ImageDataset(4), str(tmp_path), fingerprint=fingerprint_for(vae, dataset)
         )
+
+
+def test_features_are_cached_with_each_image_and_its_flip(vae, dataset, tmp_path):
+    def row_means(images):  # a stand-in encoder: per-channel means of each column, (B, 3, W); a flip reverses them
+        return images.mean(dim=-2).to(torch.float16)
+
+    cache_dir = encode(vae, dataset, tmp_path / "cache", features_fn=row_means)
+    info = json.loads((tmp_path / "cache" / "cache_info.json").read_text())
+    assert info["feature_shape"] == [3, dataset.pixel_values.shape[-1]]
+    data = CachedLatentDataset(cache_dir)
+    expected = row_means(dataset.pixel_values)
+    flipped = row_means(torch.flip(dataset.pixel_values, dims=[-1]))
+    assert torch.equal(data.features[:, 0], expected) and torch.equal(data.features[:, 1], flipped)
+    assert not torch.equal(expected, flipped)
+    assert torch.equal(data[3]["repa_features"], expected[3])
+    # Without features_fn there are none, and the fingerprint records which features a cache holds.
+    assert CachedLatentDataset(encode(vae, dataset, tmp_path / "plain")).features is None
+    assert "features" not in fingerprint_for(vae, dataset)
+    with_features = cache_fingerprint("tiny-vae", vae.config, "x", 16, True, len(dataset), features="enc at 16")
+    assert with_features["features"] == "enc at 16"

@@ -145,10 +145,31 @@ def test_repa_trains_a_projector_and_resumes(tmp_path):
     assert not torch.equal(a["mlp.0.weight"], saved.state_dict()["mlp.0.weight"])  # it trained
 
 
-def test_repa_refuses_cached_latents(tmp_path):
-    import train_dit
+def test_repa_targets_are_cached_with_the_latents(tmp_path):
+    from safetensors.torch import load_file
+    from test_train import tiny_vae
 
-    with pytest.raises(ValueError, match="--repa_encoder needs the images"):
-        train_dit.parse_args(
-            ["--output_dir", str(tmp_path), "--repa_encoder", "x", "--vae", "v", "--cache_latents", "c"]
-        )
+    from dit_hf.latents import BatchedCachedLatents
+    from dit_hf.repa import REPAEncoder
+
+    encoder_path = tiny_dinov2(tmp_path / "encoder")
+    vae, cache = tiny_vae(tmp_path / "vae"), tmp_path / "cache"
+    summary = run(tmp_path / "out", "--vae", str(vae), "--resolution", "16", "--image_channels", "3",
+                  "--max_train_samples", "16", "--max_train_steps", "2", "--cache_latents", str(cache),
+                  "--repa_encoder", encoder_path, "--repa_depth", "1", "--repa_projector_dim", "8")  # fmt: skip
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all("repa_loss" in row for row in rows if "loss" in row)
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["feature_shape"] == [16, 4, 4] and encoder_path in info["fingerprint"]["features"]
+    shard = load_file(next(cache.glob("shard-*.safetensors")))
+    assert shard["features"].dtype == torch.float16
+    # The dataset hands out the flipped image's features together with its flipped latents.
+    data = BatchedCachedLatents(str(cache), random_flip=True)
+    torch.manual_seed(0)
+    batch = data.__getitems__(list(range(16)))
+    for k in range(16):
+        flip = int(torch.allclose(batch["moments"][k], data.moments[k, 1]))
+        assert torch.equal(batch["repa_features"][k], data.features[k, flip])
+    assert 0 < sum(int(torch.equal(batch["repa_features"][k], data.features[k, 1])) for k in range(16)) < 16
+    assert shard["features"][0].shape == REPAEncoder(encoder_path).feature_map(torch.zeros(1, 3, 16, 16))[0].shape

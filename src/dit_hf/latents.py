@@ -48,6 +48,8 @@ from tqdm.auto import tqdm
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
 SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels")
+# Optional: encoder features of each image and of its flip (REPA targets), when the cache was built with them.
+FEATURE_TENSORS = ("features", "flip_features")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Finished shards and the temporary files of interrupted writes (`<shard>.tmp`): a rebuild removes both.
 _SHARD_PATTERN = re.compile(r"^shard-\d{5}-\d{5}\.safetensors(\.tmp)?$")
@@ -67,6 +69,7 @@ def cache_fingerprint(
     resolution: int,
     center_crop: bool,
     num_samples: int,
+    features: str | None = None,
 ) -> dict:
     """Everything that decides the cached latents, as a JSON-safe dict: a cache is reused only if this matches.
 
@@ -78,6 +81,8 @@ def cache_fingerprint(
         resolution (`int`): The side of the square images fed to the VAE.
         center_crop (`bool`): Whether the images were center-cropped (else randomly cropped) to `resolution`.
         num_samples (`int`): The number of images in the data set.
+        features (`str`, *optional*): Identifies the encoder whose features are cached too (e.g. the REPA encoder's
+            id and input size); `None` for a cache of latents alone.
     """
     config = {key: value for key, value in dict(vae_config).items() if not key.startswith("_")}
     return _json_safe(
@@ -89,6 +94,7 @@ def cache_fingerprint(
             "resolution": int(resolution),
             "center_crop": bool(center_crop),
             "num_samples": int(num_samples),
+            **({"features": str(features)} if features is not None else {}),
         }
     )
 
@@ -181,11 +187,13 @@ def _summarize_shards(cache_dir: str, num_samples: int) -> dict:
     """Checks that the shards on disk cover every index once and agree on shape and labels; returns what they hold."""
     shards = _shard_names(cache_dir)
     seen = torch.zeros(num_samples, dtype=torch.long)
-    shapes, has_labels = set(), set()
+    shapes, has_labels, feature_shapes = set(), set(), set()
     for name in shards:
         with safe_open(os.path.join(cache_dir, name), framework="pt") as f:
             index = f.get_tensor("index")
             shapes.add(tuple(f.get_slice("mean").get_shape()[1:]))
+            has_features = "features" in f.keys()
+            feature_shapes.add(tuple(f.get_slice("features").get_shape()[1:]) if has_features else None)
             has_labels.add(f.metadata()["has_labels"] == "true")
         seen.index_add_(0, index, torch.ones_like(index))
     if not shards or not bool((seen == 1).all()):
@@ -193,12 +201,18 @@ def _summarize_shards(cache_dir: str, num_samples: int) -> dict:
             f"The shards in {cache_dir!r} do not hold each of the {num_samples} samples exactly once. All processes "
             "must write to the same directory (a shared file system when training on several machines)."
         )
-    if len(shapes) != 1 or len(has_labels) != 1:
+    if len(shapes) != 1 or len(has_labels) != 1 or len(feature_shapes) != 1:
         raise ValueError(
             f"The shards in {cache_dir!r} disagree on latent shape {sorted(shapes)} or on having labels: every item "
             "of the data set must have the same image size, and either all items or none have 'class_labels'."
         )
-    return {"shards": shards, "latent_shape": list(shapes.pop()), "has_labels": has_labels.pop()}
+    feature_shape = feature_shapes.pop()
+    return {
+        "shards": shards,
+        "latent_shape": list(shapes.pop()),
+        "has_labels": has_labels.pop(),
+        "feature_shape": list(feature_shape) if feature_shape is not None else None,
+    }
 
 
 @torch.no_grad()
@@ -213,6 +227,7 @@ def encode_to_cache(
     num_workers: int = 0,
     samples_per_shard: int = 4096,
     storage_dtype: torch.dtype = torch.float32,
+    features_fn=None,
 ) -> str:
     """Encodes `dataset` and its horizontal flip with the frozen `vae` into a latent cache in `cache_dir`.
 
@@ -235,6 +250,10 @@ def encode_to_cache(
             batches, so up to `batch_size - 1` more), bounding the memory held before a write.
         storage_dtype (`torch.dtype`, defaults to `torch.float32`): `torch.float32`, or `torch.float16` to halve the
             size of the cache (see the module docstring).
+        features_fn (`Callable`, *optional*): images `(B, 3, R, R)` in [-1, 1] on the VAE's device -> a CPU tensor
+            `(B, ...)` of features to cache with each image and its flip, e.g. REPA targets
+            (`functools.partial(dit_hf.repa.cache_encoder_features, encoder)`). Stored as `features`/`flip_features`
+            and returned by the datasets as "repa_features", flipped together with the latents.
 
     Returns:
         `cache_dir`.
@@ -267,7 +286,8 @@ def encode_to_cache(
 
     def write_shard():
         nonlocal buffer, buffered, shard_count
-        tensors = {key: torch.cat([part[key] for part in buffer]) for key in SHARD_TENSORS}
+        keys = SHARD_TENSORS + (FEATURE_TENSORS if features_fn is not None else ())
+        tensors = {key: torch.cat([part[key] for part in buffer]) for key in keys}
         name = f"shard-{accelerator.process_index:05d}-{shard_count:05d}.safetensors"
         _atomic_save(tensors, os.path.join(cache_dir, name), {"has_labels": str(has_labels).lower()})
         buffer, buffered, shard_count = [], 0, shard_count + 1
@@ -277,23 +297,26 @@ def encode_to_cache(
         pixel_values = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
         n = pixel_values.shape[0]
         # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
-        posterior = vae.encode(torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])).latent_dist
+        both = torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])
+        posterior = vae.encode(both).latent_dist
         mean, logvar = (t.to("cpu", storage_dtype).contiguous() for t in (posterior.mean, posterior.logvar))
         batch_has_labels = "class_labels" in batch
         if has_labels is not None and batch_has_labels != has_labels:
             raise ValueError("Either all items of the data set or none must have 'class_labels'.")
         has_labels = batch_has_labels
         labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
-        buffer.append(
-            {
-                "index": torch.arange(start, start + n),
-                "mean": mean[:n],
-                "logvar": logvar[:n],
-                "flip_mean": mean[n:],
-                "flip_logvar": logvar[n:],
-                "labels": labels.cpu(),
-            }
-        )
+        part = {
+            "index": torch.arange(start, start + n),
+            "mean": mean[:n],
+            "logvar": logvar[:n],
+            "flip_mean": mean[n:],
+            "flip_logvar": logvar[n:],
+            "labels": labels.cpu(),
+        }
+        if features_fn is not None:
+            features = features_fn(both).to("cpu").contiguous()
+            part["features"], part["flip_features"] = features[:n], features[n:]
+        buffer.append(part)
         start, buffered = start + n, buffered + n
         if buffered >= samples_per_shard:
             write_shard()
@@ -350,6 +373,8 @@ class CachedLatentDataset(Dataset):
         # (N, 2, 2, C, h, w): [sample, unflipped / flipped, mean / logvar]; filled shard by shard to bound peak memory.
         self.moments = torch.empty(num_samples, 2, 2, *shape, dtype=STORAGE_DTYPES[self.info["dtype"]])
         self.labels = torch.empty(num_samples, dtype=torch.long)
+        feature_shape = self.info.get("feature_shape")
+        self.features = None  # (N, 2, ...) encoder features, allocated from the first shard (its dtype)
         seen = torch.zeros(num_samples, dtype=torch.long)
         for name in self.info["shards"]:
             path = os.path.join(cache_dir, name)
@@ -357,7 +382,8 @@ class CachedLatentDataset(Dataset):
                 raise ValueError(f"The latent cache is incomplete: shard {name} is missing. {rebuild}")
             try:
                 with safe_open(path, framework="pt") as f:
-                    shard = {key: f.get_tensor(key) for key in SHARD_TENSORS}
+                    keys = SHARD_TENSORS + (FEATURE_TENSORS if feature_shape is not None else ())
+                    shard = {key: f.get_tensor(key) for key in keys}
             except (SafetensorError, OSError) as err:
                 raise ValueError(
                     f"The latent cache is corrupt: shard {name} is unreadable ({err}). {rebuild}"
@@ -373,6 +399,13 @@ class CachedLatentDataset(Dataset):
                 self.moments[index, flip, 0] = shard[prefix + "mean"]
                 self.moments[index, flip, 1] = shard[prefix + "logvar"]
             self.labels[index] = shard["labels"]
+            if feature_shape is not None:
+                if list(shard["features"].shape) != [index.numel(), *feature_shape]:
+                    raise ValueError(f"The latent cache is corrupt: shard {name} has wrong feature shapes. {rebuild}")
+                if self.features is None:
+                    self.features = torch.empty(num_samples, 2, *feature_shape, dtype=shard["features"].dtype)
+                self.features[index, 0] = shard["features"]
+                self.features[index, 1] = shard["flip_features"]
         if not bool((seen == 1).all()):
             raise ValueError(
                 f"The latent cache is incomplete or corrupt: {int((seen == 0).sum())} of {num_samples} samples are "
@@ -401,6 +434,8 @@ class CachedLatentDataset(Dataset):
         item = {"moments": self.moments[i, int(flip)]}
         if self.has_labels:
             item["class_labels"] = self.labels[i]
+        if self.features is not None:
+            item["repa_features"] = self.features[i, int(flip)]
         return item
 
 
@@ -421,6 +456,8 @@ class BatchedCachedLatents(CachedLatentDataset):
         batch = {"moments": self.moments[index, flip]}
         if self.has_labels:
             batch["class_labels"] = self.labels[index]
+        if self.features is not None:
+            batch["repa_features"] = self.features[index, flip]
         return batch
 
     @staticmethod
