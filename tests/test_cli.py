@@ -1,5 +1,7 @@
 """`dit-hf sample`: a PNG grid from a saved pipeline."""
 
+from pathlib import Path
+
 import PIL.Image
 import pytest
 from conftest import make_pipe, tiny_dit
@@ -76,3 +78,18 @@ def test_scheduler_family_follows_the_objective(tmp_path, capsys):
         main(sample_args(folder, tmp_path / "never.png", "--labels", "1", "--scheduler", "ddim"))
     assert exit_info.value.code == 2
     assert "'ddim'" in capsys.readouterr().err
+
+
+def test_console_script_exits_with_status_0(saved_pipeline, tmp_path, monkeypatch):
+    import configparser
+    import importlib
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    target = config["options.entry_points"]["console_scripts"].split("=", 1)[1].strip()
+    module, function = target.split(":")
+    entry = getattr(importlib.import_module(module), function)
+    out = tmp_path / "grid.png"
+    monkeypatch.setattr("sys.argv", ["dit-hf", *sample_args(saved_pipeline, out, "--labels", "1")])
+    # A console script passes the return value to sys.exit: anything but 0/None would be a failure status.
+    assert entry() in (0, None) and out.is_file()

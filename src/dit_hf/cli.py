@@ -261,5 +261,11 @@ def main(argv: list[str] | None = None):
         parser.exit(2, f"dit-hf {args.command}: error: {err}\n")
 
 
-if __name__ == "__main__":
+def console_main() -> int:
+    """The `dit-hf` executable: `main`'s return value is for Python callers; the shell gets exit status 0."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())
