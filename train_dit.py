@@ -809,8 +809,11 @@ def main(args: argparse.Namespace) -> dict:
                         extractor = InceptionExtractor(path=args.inception, device=accelerator.device)
                         evaluator["extractor"] = extractor
                         # Computed once and cached on disk (keyed by the data and the network): later runs reuse it.
+                        reference = eval_reference(args)
+                        # Real images are cropped and resized like the training data; digits and .npz are as stored.
+                        fixed = reference == "digits" or reference.endswith(".npz")
                         evaluator["reference"] = reference_stats(
-                            eval_reference(args), extractor, resolution=args.resolution
+                            reference, extractor, resolution=None if fixed else args.resolution
                         )
                     pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), objective, vae, id2label)
                     scores = evaluate_pipeline(
