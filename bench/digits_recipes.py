@@ -4,8 +4,8 @@
 Every variant trains the default digits model (narrow DiT-S/2, 8×8×1, batch 64, lr 1e-3, EMA 0.999) for the same
 number of steps with the same seed, and evaluates its EMA every `--eval_every` steps on `--eval_samples`
 class-balanced samples (guidance 2, 100 sampling steps: DDPM for DiT, Euler for flow): FID against all real digits and
-class accuracy from an SVM fitted on real digits. REPA aligns block 1 of 4 with a tiny DINOv2 trained on the digits
-(`python -m dit_hf.repa make-digits-encoder`), the offline stand-in for a pretrained DINOv2.
+class accuracy from an SVM fitted on real digits. REPA aligns block 1 of 4 (projector width 256) with a tiny DINOv2
+trained on the digits (`python -m dit_hf.repa make-digits-encoder`), the offline stand-in for a pretrained DINOv2.
 
     python -m dit_hf.repa make-digits-encoder --output outputs/digits-encoder
     python bench/digits_recipes.py
@@ -27,7 +27,8 @@ LIGHTNING = ["--qk_norm", "--norm_type", "rms", "--mlp_type", "swiglu", "--pos_e
 
 
 def variants(encoder: str) -> dict[str, list[str]]:
-    repa = ["--repa_encoder", encoder, "--repa_depth", "1"]
+    # A 256-wide projector for the 128-wide model (REPA's 2048 is for 1152-wide DiT-XL; here it would triple the step).
+    repa = ["--repa_encoder", encoder, "--repa_depth", "1", "--repa_projector_dim", "256"]
     return {
         "DiT (ddpm_eps, learned sigma)": [],
         "flow + logit-normal": FLOW,
