@@ -19,12 +19,19 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, markdown_table, peak_memory_gib, reset_memory, time_iterations, write_results  # noqa: E402
+from common import (  # noqa: E402
+    apply_device_defaults,
+    environment,
+    markdown_table,
+    peak_memory_gib,
+    reset_memory,
+    time_iterations,
+    write_results,
+)
 
 from dit_hf import DiTModel, DiTPipeline  # noqa: E402
 from dit_hf.convert import dit_to_diffusers  # noqa: E402
 
-TINY = dict(hidden_size=128, depth=4, num_heads=4)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The sd-vae-ft-ema/mse architecture (random weights: the cost is the same); a small one on CPU.
 SD_VAE = dict(
@@ -60,20 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/sample.json")
-    args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = args.device.type == "cuda"
-    args.model = args.model or ("DiT-XL/2" if on_gpu else "DiT-S/2")
-    args.latent_size = args.latent_size or (32 if on_gpu else 8)
-    args.batch_size = args.batch_size or (64 if on_gpu else 8)
-    args.precision = args.precision or ("fp16" if on_gpu else "fp32")
-    args.overrides = {} if on_gpu or args.model != "DiT-S/2" else dict(TINY)
-    args.impls = [s for s in args.impls.split(",") if s]
-    args.modes = [s for s in args.modes.split(",") if s]
-    for mode in args.modes:
-        if mode not in ("eager", "compile"):
-            raise SystemExit(f"--modes: unknown mode {mode!r}; use eager or compile.")
-    return args
+    return apply_device_defaults(p.parse_args(argv), (64, 8), ("fp16", "fp32"), ("eager", "compile"))
 
 
 def make_scheduler(name: str):

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    apply_device_defaults,
     default_peak_tflops,
     environment,
     markdown_table,
@@ -32,8 +33,6 @@ from dit_hf.convert import dit_to_diffusers  # noqa: E402
 from dit_hf.ema import EMAModels  # noqa: E402
 from dit_hf.objective import DDPMObjective, make_ddpm_scheduler  # noqa: E402
 from dit_hf.training import dit_train_flops_per_sample  # noqa: E402
-
-TINY = dict(hidden_size=128, depth=4, num_heads=4)  # the embedded default's width, with 1000 classes
 
 
 def parse_args(argv=None):
@@ -56,20 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/train.json")
-    args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = args.device.type == "cuda"
-    args.model = args.model or ("DiT-XL/2" if on_gpu else "DiT-S/2")
-    args.latent_size = args.latent_size or (32 if on_gpu else 8)
-    args.batch_size = args.batch_size or (128 if on_gpu else 16)
-    args.precision = args.precision or ("bf16" if on_gpu else "fp32")
-    args.overrides = {} if on_gpu or args.model != "DiT-S/2" else dict(TINY)
-    args.impls = [s for s in args.impls.split(",") if s]
-    args.modes = [s for s in args.modes.split(",") if s]
-    for mode in args.modes:
-        if mode not in ("eager", "compile", "regional"):
-            raise SystemExit(f"--modes: unknown mode {mode!r}; use eager, compile or regional.")
-    return args
+    return apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
 
 
 def build_models(args) -> dict[str, torch.nn.Module]:

@@ -18,6 +18,27 @@ import torch
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
 
 
+def apply_device_defaults(args, batch_size: tuple[int, int], precision: tuple[str, str], modes: tuple[str, ...]):
+    """Fill the arguments left unset: the paper's DiT-XL/2 at 256 px on CUDA, a tiny DiT-S/2 on CPU.
+
+    `batch_size` and `precision` are (CUDA, CPU) pairs; `modes` are the accepted --modes values.
+    """
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = args.device.type == "cuda"
+    args.model = args.model or ("DiT-XL/2" if on_gpu else "DiT-S/2")
+    args.latent_size = args.latent_size or (32 if on_gpu else 8)
+    args.batch_size = args.batch_size or batch_size[0 if on_gpu else 1]
+    args.precision = args.precision or precision[0 if on_gpu else 1]
+    # The embedded default's width with 1000 classes, when a CPU run keeps the default model.
+    args.overrides = {} if on_gpu or args.model != "DiT-S/2" else dict(hidden_size=128, depth=4, num_heads=4)
+    args.impls = [s for s in args.impls.split(",") if s]
+    args.modes = [s for s in args.modes.split(",") if s]
+    for mode in args.modes:
+        if mode not in modes:
+            raise SystemExit(f"--modes: unknown mode {mode!r}; use one of {', '.join(modes)}.")
+    return args
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

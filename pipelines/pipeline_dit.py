@@ -132,6 +132,18 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
     return DPMSolverMultistepScheduler.from_config(config, prediction_type=prediction_type, variance_type=None)
 
 
+def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> None:
+    """`guidance_interval` is None or (low, high) noise levels `t / num_train_timesteps` with 0 <= low <= high <= 1."""
+    if guidance_interval is None:
+        return
+    low, high = guidance_interval
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(
+            "`guidance_interval` must be (low, high) with 0 <= low <= high <= 1 (noise levels "
+            f"t / num_train_timesteps, 1 is pure noise), got {tuple(guidance_interval)}."
+        )
+
+
 def image_grid(images: list[PIL.Image.Image], cols: int) -> PIL.Image.Image:
     """Paste equally sized images into a grid, row by row; the last row may be incomplete."""
     if not images:
@@ -283,12 +295,7 @@ class DiTPipeline(DiffusionPipeline):
             raise ValueError(f"`guidance_scale` must be >= 0 (1.0 disables guidance), got {guidance_scale}.")
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-        if guidance_interval is not None:
-            low, high = guidance_interval
-            if not 0.0 <= low <= high <= 1.0:
-                raise ValueError(
-                    f"`guidance_interval` must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}."
-                )
+        check_guidance_interval(guidance_interval)
 
         conditional = self.num_classes > 0
         if conditional:
