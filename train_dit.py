@@ -57,6 +57,7 @@ from dit_hf.training import (
     atomic_checkpoint,
     check_checkpoint_config,
     dit_train_flops_per_sample,
+    make_adamw,
     num_update_steps,
     prune_checkpoints,
     resolve_resume_path,
@@ -564,13 +565,13 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.register_for_checkpointing(ema)
 
     trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
-    optimizer = torch.optim.AdamW(
+    optimizer = make_adamw(
         trained_params,
+        accelerator.device,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
-        fused=torch.cuda.is_available(),
     )
     batches_per_epoch = len(train_dataloader) // accelerator.num_processes
     steps_per_epoch = num_update_steps(batches_per_epoch, args.gradient_accumulation_steps)

@@ -20,11 +20,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    SDPA_BACKENDS,
     apply_device_defaults,
     environment,
     markdown_table,
     peak_memory_gib,
     reset_memory,
+    sdpa_context,
     time_iterations,
     write_results,
 )
@@ -32,6 +34,7 @@ from common import (  # noqa: E402
 from dit_hf import DiTModel, DiTPipeline  # noqa: E402
 from dit_hf.convert import dit_to_diffusers  # noqa: E402
 
+MODES = ("eager", "compile", "regional", "cudagraphs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The sd-vae-ft-ema/mse architecture (random weights: the cost is the same); a small one on CPU.
 SD_VAE = dict(
@@ -61,13 +64,19 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--impls", default="dit-hf,diffusers")
-    p.add_argument("--modes", default="eager", help="eager and/or compile (torch.compile of the transformer).")
+    p.add_argument(
+        "--modes",
+        default="eager",
+        help="Comma list of eager, compile (torch.compile of the transformer), regional (each repeated block "
+        "compiled; dit-hf only), cudagraphs (torch.compile mode='reduce-overhead': CUDA graphs replay each step).",
+    )
+    p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto", help="Attention backend for both pipelines.")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/sample.json")
-    return apply_device_defaults(p.parse_args(argv), (64, 8), ("fp16", "fp32"), ("eager", "compile"))
+    return apply_device_defaults(p.parse_args(argv), (64, 8), ("fp16", "fp32"), MODES)
 
 
 def make_scheduler(name: str):
@@ -123,21 +132,29 @@ def main(argv=None) -> dict:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         if args.device.type == "cuda":
             generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        return pipes[name](
-            class_labels=labels,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.steps,
-            generator=generator,
-            output_type="pt" if name == "dit-hf" else "np",
-        ).images
+        with sdpa_context(args.sdpa):
+            return pipes[name](
+                class_labels=labels,
+                guidance_scale=args.guidance_scale,
+                num_inference_steps=args.steps,
+                generator=generator,
+                output_type="pt" if name == "dit-hf" else "np",
+            ).images
 
     results, images = [], {}
     for mode in args.modes:
         for name in args.impls:
+            if mode == "regional" and name != "dit-hf":
+                continue  # diffusers' DiTTransformer2DModel declares no repeated blocks
             pipe = pipes[name]
+            torch._dynamo.reset()
+            eager_transformer = pipe.transformer
             if mode == "compile":
-                torch._dynamo.reset()
-                pipe.transformer = torch.compile(pipe.transformer)
+                pipe.transformer = torch.compile(eager_transformer)
+            elif mode == "cudagraphs":
+                pipe.transformer = torch.compile(eager_transformer, mode="reduce-overhead")
+            elif mode == "regional":
+                eager_transformer.compile_repeated_blocks(fullgraph=True)
             reset_memory(args.device)
             timing = time_iterations(functools.partial(call, name), args.device, args.warmup, args.repeats)
             out = call(name)
@@ -152,9 +169,10 @@ def main(argv=None) -> dict:
                     "peak_mem_gib": peak_memory_gib(args.device),
                 }
             )
-            print(f"{name:9s} {mode:8s} {results[-1]['images_per_s']:8.2f} images/s", flush=True)
-            if mode == "compile":
-                pipe.transformer = pipe.transformer._orig_mod
+            print(f"{name:9s} {mode:10s} {results[-1]['images_per_s']:8.2f} images/s", flush=True)
+            pipe.transformer = eager_transformer
+            for block in eager_transformer.modules():  # undo the regional compile: back to the eager blocks
+                block._compiled_call_impl = None
 
     by_key = {(r["impl"], r["mode"]): r for r in results}
     ratios, max_diff = {}, {}
@@ -164,6 +182,11 @@ def main(argv=None) -> dict:
                 by_key[("dit-hf", mode)]["images_per_s"] / by_key[("diffusers", mode)]["images_per_s"]
             )
             max_diff[mode] = (images[("dit-hf", mode)] - images[("diffusers", mode)]).abs().max().item()
+        if mode != "eager" and ("dit-hf", mode) in images and ("dit-hf", "eager") in images:
+            # Compiled kernels reorder floating-point sums: the images must still match the eager ones closely.
+            max_diff[f"dit-hf {mode} vs eager"] = (
+                (images[("dit-hf", mode)] - images[("dit-hf", "eager")]).abs().max().item()
+            )
     if ("diffusers", "eager") in by_key:
         best = max((r for r in results if r["impl"] == "dit-hf"), key=lambda r: r["images_per_s"], default=None)
         if best:
@@ -180,6 +203,7 @@ def main(argv=None) -> dict:
         "scheduler": args.scheduler,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "sdpa": args.sdpa,
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
@@ -192,7 +216,10 @@ def main(argv=None) -> dict:
         + "\n\n"
         + "\n".join(f"- {k}: {v:.2f}×" for k, v in ratios.items())
         + "\n"
-        + "\n".join(f"- max |dit-hf − diffusers| pixel difference ({m}): {d:.2e}" for m, d in max_diff.items())
+        + "\n".join(
+            f"- largest pixel difference, {m if ' vs ' in m else f'dit-hf vs diffusers ({m})'}: {d:.2e}"
+            for m, d in max_diff.items()
+        )
     )
     payload = {"environment": env, "settings": settings, "results": results, "ratios": ratios, "max_diff": max_diff}
     write_results(args.out, payload, table)

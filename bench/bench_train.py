@@ -2,8 +2,10 @@
 """Training throughput: dit-hf's DiTModel vs diffusers' DiTTransformer2DModel, side by side, same inputs.
 
 Both models carry the same weights (dit-hf's model exported with `dit_to_diffusers`) and run the same full training
-step: the DiT objective (ε-MSE + learned-variance VLB, `DDPMObjective`), backward, AdamW (fused on CUDA), gradient
-clipping off, and an EMA update (`EMAModels`). Only the model differs, so the ratio is the model's.
+step: the DiT objective (ε-MSE + learned-variance VLB, `DDPMObjective`), backward, AdamW (fused, as the trainer
+builds it), gradient clipping off, and an EMA update (`EMAModels`). Only the model differs, so the ratio is the
+model's. `--sdpa` repeats the runs per attention backend; `--ceiling_json` (from bench_ceiling.py) adds each run's
+share of the measured matmul ceiling and of the step's shape-limited throughput.
 
     python bench/bench_train.py                                   # CPU: a tiny config, seconds
     python bench/bench_train.py --model DiT-XL/2 --latent_size 32 --batch_size 128 --precision bf16 \\
@@ -11,6 +13,7 @@ clipping off, and an EMA update (`EMAModels`). Only the model differs, so the ra
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -18,12 +21,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    SDPA_BACKENDS,
     apply_device_defaults,
     default_peak_tflops,
     environment,
     markdown_table,
     peak_memory_gib,
     reset_memory,
+    sdpa_context,
+    sdpa_refused,
     time_iterations,
     write_results,
 )
@@ -32,7 +38,7 @@ from dit_hf import DiTModel  # noqa: E402
 from dit_hf.convert import dit_to_diffusers  # noqa: E402
 from dit_hf.ema import EMAModels  # noqa: E402
 from dit_hf.objective import DDPMObjective, make_ddpm_scheduler  # noqa: E402
-from dit_hf.training import dit_train_flops_per_sample  # noqa: E402
+from dit_hf.training import dit_train_flops_per_sample, make_adamw  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,6 +58,16 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="Default: 5 (10 with compile).")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--peak_tflops", type=float, default=None, help="For MFU; default: data sheet of known GPUs.")
+    p.add_argument(
+        "--sdpa",
+        default="auto",
+        help=f"Comma list of attention backends to run each mode with: {', '.join(SDPA_BACKENDS)}.",
+    )
+    p.add_argument(
+        "--ceiling_json",
+        default=None,
+        help="Output of bench_ceiling.py on this device: adds each run's share of the measured ceilings.",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/train.json")
@@ -77,12 +93,15 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     return {"dit-hf": ours, "diffusers": theirs}
 
 
-def run_one(args, name: str, model: torch.nn.Module, mode: str) -> dict:
+def make_step(args, model: torch.nn.Module, mode: str, sdpa: str = "auto"):
+    """The benchmarked training step for `model` (moved to the device, compiled as `mode` says).
+
+    Returns `step(mark=None)`; `mark(phase)`, when given, is called after each phase ("forward", "backward",
+    "optimizer", "ema") so that bench/profile_step.py can time the phases of exactly this step.
+    """
     device = args.device
-    reset_memory(device)
     model = model.to(device).train()
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
+    optimizer = make_adamw(model.parameters(), device, lr=1e-4, weight_decay=0.0)  # as train_dit.py builds it
     ema = EMAModels(model, [0.9999])
     if mode == "compile":
         runner = torch.compile(model)
@@ -100,15 +119,32 @@ def run_one(args, name: str, model: torch.nn.Module, mode: str) -> dict:
     noise = torch.randn((n, c, s, s), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    def step():
-        with autocast:
+    def step(mark=None):
+        # The backend is picked in the forward (when compiled graphs are traced, too); backward follows it.
+        with sdpa_context(sdpa), autocast:
             loss = objective(runner, x0, labels, timesteps=timesteps, noise=noise).loss
+        if mark:
+            mark("forward")
         loss.backward()
+        if mark:
+            mark("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if mark:
+            mark("optimizer")
         ema.update(model)
+        if mark:
+            mark("ema")
         return loss
 
+    return step
+
+
+def run_one(args, name: str, model: torch.nn.Module, mode: str, sdpa: str = "auto") -> dict:
+    device = args.device
+    reset_memory(device)
+    step = make_step(args, model, mode, sdpa)
+    n, s = args.batch_size, args.latent_size
     warmup = args.warmup if args.warmup is not None else (10 if mode != "eager" else 5)
     timing = time_iterations(step, device, warmup, args.repeats)
     img_s = n / timing["median_s"]
@@ -121,6 +157,7 @@ def run_one(args, name: str, model: torch.nn.Module, mode: str) -> dict:
     result = {
         "impl": name,
         "mode": mode,
+        "sdpa": sdpa,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "img_per_s": img_s,
         "step_ms": timing["median_s"] * 1000,
@@ -134,30 +171,76 @@ def run_one(args, name: str, model: torch.nn.Module, mode: str) -> dict:
     return result
 
 
+def load_ceiling(args) -> dict | None:
+    """bench_ceiling.py's result for this model, batch and precision; refused when it was measured for others."""
+    if not args.ceiling_json:
+        return None
+    with open(args.ceiling_json) as f:
+        ceiling = json.load(f)
+    measured = ceiling["settings"]
+    wanted = {"model": args.model, "batch_size": args.batch_size, "precision": args.precision}
+    mismatch = {k: measured.get(k) for k, v in wanted.items() if measured.get(k) != v}
+    if mismatch:
+        raise SystemExit(
+            f"--ceiling_json {args.ceiling_json} was measured for {mismatch}, this run is {wanted}: rerun "
+            f"bench_ceiling.py with --model {args.model} --batch_size {args.batch_size} --precision {args.precision}."
+        )
+    return ceiling
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    ceiling = load_ceiling(args)
+    backends = [b for b in args.sdpa.split(",") if b]
+    for backend in backends:
+        sdpa_context(backend)  # unknown names fail here, before any model is built
     results = []
-    for mode in args.modes:
-        for name in args.impls:
-            if mode == "regional" and name != "dit-hf":
-                continue  # diffusers' DiTTransformer2DModel declares no repeated blocks
-            torch._dynamo.reset()
-            # Fresh weights for every run: the previous run's optimizer steps changed them.
-            fresh = build_models(args)[name]
-            results.append(run_one(args, name, fresh, mode))
-            print(f"{name:9s} {mode:8s} {results[-1]['img_per_s']:9.1f} img/s", flush=True)
-    by_key = {(r["impl"], r["mode"]): r for r in results}
+    for sdpa in backends:
+        for mode in args.modes:
+            for name in args.impls:
+                if mode == "regional" and name != "dit-hf":
+                    continue  # diffusers' DiTTransformer2DModel declares no repeated blocks
+                torch._dynamo.reset()
+                # Fresh weights for every run: the previous run's optimizer steps changed them.
+                fresh = build_models(args)[name]
+                try:
+                    result = run_one(args, name, fresh, mode, sdpa)
+                except RuntimeError as e:
+                    if not sdpa_refused(e):
+                        raise
+                    print(f"{name:9s} {mode:8s} sdpa={sdpa}: backend refuses this shape/dtype, skipped", flush=True)
+                    continue
+                if ceiling:
+                    result["of_matmul_ceiling"] = result["achieved_tflops"] / ceiling["matmul_tflops"]
+                    result["of_shape_limit"] = result["img_per_s"] / ceiling["shape_limited_img_per_s"]
+                results.append(result)
+                print(f"{name:9s} {mode:8s} sdpa={sdpa:9s} {result['img_per_s']:9.1f} img/s", flush=True)
+    if not results:
+        raise SystemExit("No run completed: every --sdpa backend refused this shape, dtype or device.")
+
+    def best(impl, mode=None):
+        runs = [r for r in results if r["impl"] == impl and mode in (None, r["mode"])]
+        return max(runs, key=lambda r: r["img_per_s"], default=None)
+
     ratios = {}
     for mode in args.modes:
-        base = by_key.get(("diffusers", mode))
-        if base and ("dit-hf", mode) in by_key:
-            ratios[f"dit-hf/diffusers {mode}"] = by_key[("dit-hf", mode)]["img_per_s"] / base["img_per_s"]
-    best_theirs = max((r for r in results if r["impl"] == "diffusers"), key=lambda r: r["img_per_s"], default=None)
-    best_ours = max((r for r in results if r["impl"] == "dit-hf"), key=lambda r: r["img_per_s"], default=None)
-    if best_theirs and best_ours:
-        ratios["best dit-hf / best diffusers"] = best_ours["img_per_s"] / best_theirs["img_per_s"]
+        for sdpa in backends:
+            pair = [
+                next((r for r in results if (r["impl"], r["mode"], r["sdpa"]) == (impl, mode, sdpa)), None)
+                for impl in ("dit-hf", "diffusers")
+            ]
+            if all(pair):
+                suffix = "" if len(backends) == 1 else f" sdpa={sdpa}"
+                ratios[f"dit-hf/diffusers {mode}{suffix}"] = pair[0]["img_per_s"] / pair[1]["img_per_s"]
+    if best("dit-hf") and best("diffusers", "compile"):
+        # The project's training target: the best dit-hf run against the best compiled diffusers run.
+        ratios["best dit-hf / best compiled diffusers"] = (
+            best("dit-hf")["img_per_s"] / best("diffusers", "compile")["img_per_s"]
+        )
+    if best("dit-hf") and best("diffusers"):
+        ratios["best dit-hf / best diffusers"] = best("dit-hf")["img_per_s"] / best("diffusers")["img_per_s"]
     env = environment(args.device)
     settings = {
         "model": args.model,
@@ -167,20 +250,32 @@ def main(argv=None) -> dict:
         "precision": args.precision,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "sdpa": backends,
         "step": "DDPMObjective (eps MSE + VLB) + backward + AdamW + EMA",
     }
+    header = ["impl", "mode", "sdpa", "params (M)", "img/s", "step ms (median)", "MFU", "peak GiB"]
     rows = [
-        [r["impl"], r["mode"], r["params_m"], r["img_per_s"], r["step_ms"], r["mfu"], r["peak_mem_gib"]]
+        [r["impl"], r["mode"], r["sdpa"], r["params_m"], r["img_per_s"], r["step_ms"], r["mfu"], r["peak_mem_gib"]]
         for r in results
     ]
+    if ceiling:
+        header += ["of measured matmul ceiling", "of shape limit"]
+        for row, r in zip(rows, results):
+            row += [r["of_matmul_ceiling"], r["of_shape_limit"]]
     table = (
         f"Training step, {args.model} {settings['latent']} batch {args.batch_size} {args.precision} — "
         f"{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}\n\n"
-        + markdown_table(["impl", "mode", "params (M)", "img/s", "step ms (median)", "MFU", "peak GiB"], rows)
+        + markdown_table(header, rows)
         + "\n\n"
         + "\n".join(f"- {k}: {v:.2f}×" for k, v in ratios.items())
     )
-    payload = {"environment": env, "settings": settings, "results": results, "ratios": ratios}
+    if ceiling:
+        table += (
+            f"\n- measured ceilings (bench_ceiling.py): matmul {ceiling['matmul_tflops']:.1f} TFLOP/s, i.e. "
+            f"{ceiling['matmul_limited_img_per_s']:,.0f} img/s; this step's GEMM + attention shapes "
+            f"{ceiling['shape_limited_img_per_s']:,.0f} img/s"
+        )
+    payload = {"environment": env, "settings": settings, "results": results, "ratios": ratios, "ceiling": ceiling}
     write_results(args.out, payload, table)
     return payload
 

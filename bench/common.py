@@ -5,6 +5,7 @@ each measured iteration is timed on its own — with CUDA events on a GPU, `time
 call on CPU — and the median is reported with the spread (min, max).
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -16,6 +17,32 @@ import torch
 
 # Dense bf16 matmul peak (TFLOP/s) used for MFU when --peak_tflops is not given: data-sheet numbers, no sparsity.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+
+
+# Names for `torch.nn.attention.SDPBackend`; "auto" leaves PyTorch's own choice.
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def sdpa_context(backend: str):
+    """A context that restricts `F.scaled_dot_product_attention` to one backend (both models call it)."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    if backend not in names:
+        raise SystemExit(f"--sdpa: unknown backend {backend!r}; use one of {', '.join(SDPA_BACKENDS)}.")
+    return sdpa_kernel(names[backend])
+
+
+def sdpa_refused(error: RuntimeError) -> bool:
+    """Whether an error says that the chosen attention backend does not take this shape, dtype or device."""
+    return any(m in str(error) for m in ("No available kernel", "No viable backend"))
 
 
 def apply_device_defaults(args, batch_size: tuple[int, int], precision: tuple[str, str], modes: tuple[str, ...]):

@@ -63,3 +63,134 @@ def test_bench_loader_reports_ratio_to_training(tmp_path):
     )
     best = max(r["img_per_s"] for r in payload["results"])
     assert payload["loader_over_train"] == pytest.approx(best / 100.0)
+
+
+def test_bench_ceiling_limit_is_the_sum_of_the_step_products(tmp_path):
+    import bench_ceiling
+
+    payload = bench_ceiling.main(
+        ["--batch_size", "4", "--matmul_size", "64", "--copy_mib", "1", "--warmup", "0", "--repeats", "1"]
+        + ["--out", str(tmp_path / "ceiling.json")]
+    )
+    s = payload["settings"]
+    assert (s["hidden"], s["depth"], s["heads"], s["tokens"]) == (128, 4, 4, 16)  # bench_train's tiny DiT-S/2
+    m, d = 4 * 16, 128
+    shapes = {(g["layer"], g["role"]): g["shape"] for g in payload["gemms"]}
+    assert len(shapes) == 12
+    assert shapes[("qkv", "forward")] == [m, d, 3 * d]
+    assert shapes[("fc1", "grad input")] == [m, 4 * d, d]
+    assert shapes[("fc2", "grad weight")] == [4 * d, m, d]
+    # The math backend takes any shape; the best backend is the fastest one measured.
+    backends = {a["backend"]: a["s"] for a in payload["attention"]}
+    assert "math" in backends and "cudnn" not in backends  # cuDNN attention exists on CUDA only
+    assert backends[payload["best_attention_backend"]] == min(backends.values())
+    step_s = s["depth"] * (sum(g["s"] for g in payload["gemms"]) + min(backends.values()))
+    assert payload["shape_limited_img_per_s"] == pytest.approx(4 / step_s)
+    assert payload["matmul_limited_img_per_s"] == pytest.approx(
+        payload["matmul_tflops"] * 1e12 / payload["flops_per_sample"]
+    )
+
+
+def test_bench_train_reports_shares_of_the_ceiling_and_per_backend_ratios(tmp_path):
+    import bench_train
+
+    ceiling = {
+        "settings": {"model": "DiT-S/2", "batch_size": 4, "precision": "fp32"},
+        "matmul_tflops": 2.0,
+        "matmul_limited_img_per_s": 1000.0,
+        "shape_limited_img_per_s": 500.0,
+    }
+    path = tmp_path / "ceiling.json"
+    path.write_text(json.dumps(ceiling))
+    args = ["--batch_size", "4", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "t.json")]
+    payload = bench_train.main(args + ["--sdpa", "math,cudnn", "--ceiling_json", str(path)])
+    # cuDNN attention is refused on CPU: those runs are skipped, the math ones reported.
+    assert {(r["impl"], r["sdpa"]) for r in payload["results"]} == {("dit-hf", "math"), ("diffusers", "math")}
+    for r in payload["results"]:
+        assert r["of_shape_limit"] == pytest.approx(r["img_per_s"] / 500.0)
+        assert r["of_matmul_ceiling"] == pytest.approx(r["achieved_tflops"] / 2.0)
+    assert set(payload["ratios"]) == {"dit-hf/diffusers eager sdpa=math", "best dit-hf / best diffusers"}
+
+    # A ceiling measured for another batch is refused, naming the option and the rerun that fixes it.
+    with pytest.raises(SystemExit, match=r"--ceiling_json .*batch_size.*rerun bench_ceiling.py .*--batch_size 8"):
+        bench_train.main(["--batch_size", "8", "--ceiling_json", str(path), "--out", str(tmp_path / "u.json")])
+    with pytest.raises(SystemExit, match="--sdpa: unknown backend 'fast'"):
+        bench_train.main(args + ["--sdpa", "fast"])
+
+
+def test_profile_step_phases_and_categories(tmp_path):
+    import profile_step
+
+    payload = profile_step.main(
+        ["--batch_size", "4", "--warmup", "1", "--repeats", "2", "--profiled_steps", "1", "--top", "5"]
+        + ["--out", str(tmp_path / "p.json")]
+    )
+    assert [(r["impl"], r["mode"]) for r in payload["runs"]] == [("dit-hf", "eager"), ("diffusers", "eager")]
+    for run in payload["runs"]:
+        assert list(run["phases_ms"]) == ["forward", "backward", "optimizer", "ema"]
+        assert all(ms > 0 for ms in run["phases_ms"].values())
+        shares = [c["share"] for c in run["categories"].values()]
+        assert sum(shares) == pytest.approx(1.0)
+        assert run["total_ms"] == pytest.approx(sum(c["ms"] for c in run["categories"].values()))
+        assert run["categories"]["matmul"]["ms"] > 0 and run["categories"]["attention"]["ms"] > 0
+        assert len(run["top"]) == 5 and run["top"][0]["ms"] >= run["top"][-1]["ms"]
+    assert "Operator categories" in (tmp_path / "p.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "name, category",
+    [
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "matmul"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+        ("triton_tem_fused_addmm_0", "matmul"),
+        ("aten::addmm", "matmul"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<72>>", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1", "attention"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+        (
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+            "optimizer + EMA",
+        ),
+        ("aten::_foreach_lerp_", "optimizer + EMA"),
+        (
+            "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>",
+            "normalization",
+        ),
+        ("triton_per_fused_native_layer_norm_0", "normalization"),
+        ("triton_poi_fused_add_mul_silu_3", "fused (Inductor)"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>",
+            "elementwise / activation",
+        ),
+        ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "copy / cast"),
+        (
+            "void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<normal>",
+            "random numbers",
+        ),
+        ("cudaLaunchKernel", "other"),
+    ],
+)
+def test_profile_categories(name, category):
+    import profile_step
+
+    assert profile_step.categorize(name) == category
+
+
+@pytest.mark.slow
+def test_bench_sample_compiled_modes_match_eager(tmp_path):
+    import bench_sample
+
+    payload = bench_sample.main(
+        ["--modes", "eager,regional,compile", "--batch_size", "2", "--steps", "3", "--warmup", "0", "--repeats", "1"]
+        + ["--out", str(tmp_path / "s.json")]
+    )
+    assert {(r["impl"], r["mode"]) for r in payload["results"]} == {
+        ("dit-hf", "eager"),
+        ("diffusers", "eager"),
+        ("dit-hf", "regional"),
+        ("dit-hf", "compile"),
+        ("diffusers", "compile"),
+    }
+    assert payload["max_diff"]["dit-hf regional vs eager"] < 1e-4
+    assert payload["max_diff"]["dit-hf compile vs eager"] < 1e-4
+    assert payload["max_diff"]["compile"] < 1e-4

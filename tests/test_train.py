@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dit_hf import DiTModel, DiTPipeline
-from dit_hf.training import list_checkpoints, resolve_resume_path
+from dit_hf.training import list_checkpoints, make_adamw, resolve_resume_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -302,3 +302,29 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     assert eager.keys() == compiled.keys()
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
+
+
+def test_make_adamw_is_fused_on_cpu_and_matches_the_reference_update():
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 2, 4)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8)
+
+    def train(build):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = build(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        return optimizer, params
+
+    fused, ours = train(lambda params: make_adamw(params, "cpu", **hyper))
+    assert fused.param_groups[0]["fused"] is True
+    _, reference = train(lambda params: torch.optim.AdamW(params, foreach=False, **hyper))
+    for a, b, p0 in zip(ours, reference, start):
+        assert not torch.equal(a, p0)  # the parameters moved
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # A device type without a fused kernel gets PyTorch's default implementation.
+    assert make_adamw([torch.nn.Parameter(torch.zeros(2))], "meta", lr=1e-3).param_groups[0]["fused"] in (None, False)
