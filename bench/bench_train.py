@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     reset_memory,
     sdpa_context,
     sdpa_refused,
+    time_interleaved,
     time_iterations,
     write_results,
 )
@@ -140,13 +141,8 @@ def make_step(args, model: torch.nn.Module, mode: str, sdpa: str = "auto"):
     return step
 
 
-def run_one(args, name: str, model: torch.nn.Module, mode: str, sdpa: str = "auto") -> dict:
-    device = args.device
-    reset_memory(device)
-    step = make_step(args, model, mode, sdpa)
-    n, s = args.batch_size, args.latent_size
-    warmup = args.warmup if args.warmup is not None else (10 if mode != "eager" else 5)
-    timing = time_iterations(step, device, warmup, args.repeats)
+def describe(args, name: str, model: torch.nn.Module, mode: str, sdpa: str, timing: dict) -> dict:
+    n, s, device = args.batch_size, args.latent_size, args.device
     img_s = n / timing["median_s"]
     cfg = model.config
     hidden = cfg.hidden_size if name == "dit-hf" else cfg.num_attention_heads * cfg.attention_head_dim
@@ -154,7 +150,7 @@ def run_one(args, name: str, model: torch.nn.Module, mode: str, sdpa: str = "aut
     tokens = (s // cfg.patch_size) ** 2
     flops = dit_train_flops_per_sample(hidden, depth, tokens)
     peak = args.peak_tflops or default_peak_tflops(device)
-    result = {
+    return {
         "impl": name,
         "mode": mode,
         "sdpa": sdpa,
@@ -167,8 +163,43 @@ def run_one(args, name: str, model: torch.nn.Module, mode: str, sdpa: str = "aut
         "mfu": img_s * flops / (peak * 1e12) if peak else None,
         "peak_mem_gib": peak_memory_gib(device),
     }
-    model.to("cpu")
-    return result
+
+
+def run_setting(args, mode: str, sdpa: str) -> list[dict]:
+    """Both implementations in one mode and attention backend.
+
+    On a GPU one after the other, each alone in memory so that its peak memory is its own. On CPU, where nothing
+    measures memory and timings drift with the machine's other load, the two steps take turns call by call.
+    """
+    names = [n for n in args.impls if not (mode == "regional" and n != "dit-hf")]  # diffusers has no repeated blocks
+    warmup = args.warmup if args.warmup is not None else (10 if mode != "eager" else 5)
+    interleave = args.device.type != "cuda"
+    torch._dynamo.reset()
+    prepared, results = {}, []
+    for name in names:
+        if not interleave:
+            torch._dynamo.reset()
+            reset_memory(args.device)
+        model = build_models(args)[name]  # fresh weights for every run: earlier runs' steps changed them
+        step = make_step(args, model, mode, sdpa)
+        try:
+            step()  # the first call also finds out whether the attention backend takes this shape
+        except RuntimeError as e:
+            if not sdpa_refused(e):
+                raise
+            print(f"{name:9s} {mode:8s} sdpa={sdpa}: backend refuses this shape/dtype, skipped", flush=True)
+            model.to("cpu")
+            continue
+        if interleave:
+            prepared[name] = (model, step)
+        else:
+            timing = time_iterations(step, args.device, warmup, args.repeats)
+            results.append(describe(args, name, model, mode, sdpa, timing))
+            model.to("cpu")
+    if prepared:
+        timings = time_interleaved({k: step for k, (_, step) in prepared.items()}, args.device, warmup, args.repeats)
+        results += [describe(args, k, model, mode, sdpa, timings[k]) for k, (model, _) in prepared.items()]
+    return results
 
 
 def load_ceiling(args) -> dict | None:
@@ -199,24 +230,12 @@ def main(argv=None) -> dict:
     results = []
     for sdpa in backends:
         for mode in args.modes:
-            for name in args.impls:
-                if mode == "regional" and name != "dit-hf":
-                    continue  # diffusers' DiTTransformer2DModel declares no repeated blocks
-                torch._dynamo.reset()
-                # Fresh weights for every run: the previous run's optimizer steps changed them.
-                fresh = build_models(args)[name]
-                try:
-                    result = run_one(args, name, fresh, mode, sdpa)
-                except RuntimeError as e:
-                    if not sdpa_refused(e):
-                        raise
-                    print(f"{name:9s} {mode:8s} sdpa={sdpa}: backend refuses this shape/dtype, skipped", flush=True)
-                    continue
+            for result in run_setting(args, mode, sdpa):
                 if ceiling:
                     result["of_matmul_ceiling"] = result["achieved_tflops"] / ceiling["matmul_tflops"]
                     result["of_shape_limit"] = result["img_per_s"] / ceiling["shape_limited_img_per_s"]
                 results.append(result)
-                print(f"{name:9s} {mode:8s} sdpa={sdpa:9s} {result['img_per_s']:9.1f} img/s", flush=True)
+                print(f"{result['impl']:9s} {mode:8s} sdpa={sdpa:9s} {result['img_per_s']:9.1f} img/s", flush=True)
     if not results:
         raise SystemExit("No run completed: every --sdpa backend refused this shape, dtype or device.")
 

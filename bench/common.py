@@ -101,26 +101,45 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: CUDA events around it on a GPU, a synchronised clock on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def summarize(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+
+
 def time_iterations(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
     """Run `fn` `warmup` times untimed, then `repeats` times timed one by one. Seconds per call."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
+    return summarize([time_once(fn, device) for _ in range(repeats)])
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict:
+    """`time_iterations` for several functions at once, taking turns call by call, so that a slow drift of the
+    machine (other load, clock changes) reaches all of them alike instead of whichever happened to run then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device))
+    return {name: summarize(t) for name, t in times.items()}
 
 
 def reset_memory(device: torch.device):

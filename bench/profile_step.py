@@ -108,15 +108,16 @@ class PhaseMarks:
         return out
 
 
-def time_phases(step, device: torch.device, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each phase over `repeats` steps."""
-    samples = defaultdict(list)
+def time_phases(steps: dict, device: torch.device, repeats: int) -> dict[str, dict[str, float]]:
+    """Median milliseconds of each phase over `repeats` steps, per named step; the steps take turns call by call."""
+    samples = {name: defaultdict(list) for name in steps}
     for _ in range(repeats):
-        marks = PhaseMarks(device)
-        step(marks)
-        for phase, ms in marks.durations_ms().items():
-            samples[phase].append(ms)
-    return {phase: statistics.median(samples[phase]) for phase in PHASES}
+        for name, step in steps.items():
+            marks = PhaseMarks(device)
+            step(marks)
+            for phase, ms in marks.durations_ms().items():
+                samples[name][phase].append(ms)
+    return {name: {phase: statistics.median(s[phase]) for phase in PHASES} for name, s in samples.items()}
 
 
 def profile_categories(step, device: torch.device, steps: int, top: int) -> dict:
@@ -159,23 +160,28 @@ def main(argv=None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     runs = []
+    interleave = args.device.type != "cuda"  # as in bench_train.py: on CPU the implementations take turns
     for mode in args.modes:
-        for name in args.impls:
-            if mode == "regional" and name != "dit-hf":
-                continue
+        names = [n for n in args.impls if not (mode == "regional" and n != "dit-hf")]
+        groups = [names] if interleave else [[n] for n in names]
+        for group in groups:
             torch._dynamo.reset()
             reset_memory(args.device)
-            model = build_models(args)[name]
-            step = make_step(args, model, mode, args.sdpa)
+            prepared = {}
+            for name in group:
+                model = build_models(args)[name]
+                prepared[name] = (model, make_step(args, model, mode, args.sdpa))
             warmup = args.warmup if args.warmup is not None else (10 if mode != "eager" else 3)
-            for _ in range(warmup):
-                step()
+            for _, step in prepared.values():
+                for _ in range(warmup):
+                    step()
             synchronize(args.device)
-            phases = time_phases(step, args.device, args.repeats)
-            ops = profile_categories(step, args.device, args.profiled_steps, args.top)
-            runs.append({"impl": name, "mode": mode, "phases_ms": phases, **ops})
-            model.to("cpu")
-            print(f"{name:9s} {mode:8s} step {sum(phases.values()):8.2f} ms", flush=True)
+            phases = time_phases({k: step for k, (_, step) in prepared.items()}, args.device, args.repeats)
+            for name, (model, step) in prepared.items():
+                ops = profile_categories(step, args.device, args.profiled_steps, args.top)
+                runs.append({"impl": name, "mode": mode, "phases_ms": phases[name], **ops})
+                model.to("cpu")
+                print(f"{name:9s} {mode:8s} step {sum(phases[name].values()):8.2f} ms", flush=True)
 
     env = environment(args.device)
     unit = "device" if args.device.type == "cuda" else "CPU self"

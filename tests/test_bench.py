@@ -194,3 +194,38 @@ def test_bench_sample_compiled_modes_match_eager(tmp_path):
     assert payload["max_diff"]["dit-hf regional vs eager"] < 1e-4
     assert payload["max_diff"]["dit-hf compile vs eager"] < 1e-4
     assert payload["max_diff"]["compile"] < 1e-4
+
+
+def test_bench_scripts_import_without_the_training_only_packages():
+    # GPU machines often carry torch + diffusers alone: the benchmarks must not need datasets, wandb or scikit-learn.
+    import subprocess
+
+    code = f"""
+import sys
+BLOCKED = {{"datasets", "wandb", "sklearn", "scipy", "torchmetrics"}}
+
+class Hide:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def find_distributions(self, context=None):
+        found = getattr(self.finder, "find_distributions", lambda context: [])(context)
+        names = {{"datasets", "wandb", "scikit-learn", "scipy", "torchmetrics"}}
+        return [d for d in found if (d.metadata["Name"] or "").lower() not in names]
+
+    def invalidate_caches(self):
+        getattr(self.finder, "invalidate_caches", lambda: None)()
+
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+sys.path.insert(0, {str(BENCH)!r})
+import bench_ceiling, bench_loader, bench_sample, bench_train, profile_step
+loaded = sorted(BLOCKED & {{m.split(".")[0] for m in sys.modules}})
+assert not loaded, loaded
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

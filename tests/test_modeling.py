@@ -217,3 +217,17 @@ def test_force_drop_ids_replaces_exactly_those_labels():
     torch.testing.assert_close(model(x, t, y, force_drop_ids=drop).sample, expected)
     with pytest.raises(ValueError, match="class_dropout_prob"):
         perturbed(DiTModel(**{**TINY, "class_dropout_prob": 0.0}))(x, t, y, force_drop_ids=drop)
+
+
+@pytest.mark.parametrize("head_depth", [0, 1])
+def test_residual_stream_is_contiguous(head_depth):
+    # A transposed token layout would make every LayerNorm and linear layer copy its input, forward and backward.
+    model = DiTModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, head_depth=head_depth
+    )
+    seen = []
+    blocks = list(model.blocks) + list(model.head_blocks or [])
+    for block in blocks:
+        block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].is_contiguous()))
+    model(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([3, 7]))
+    assert seen == [True] * len(blocks)

@@ -155,7 +155,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous tokens: the residual stream inherits the layout of the embedding (an elementwise result takes its
+        # first operand's strides), and a transposed stream made every LayerNorm and linear layer copy its input,
+        # forward and backward, in every block.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
