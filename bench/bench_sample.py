@@ -12,6 +12,7 @@ pipelines' images, which must be at float32 rounding level in fp32 and within bf
 """
 
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -27,6 +28,7 @@ from common import (  # noqa: E402
     peak_memory_gib,
     reset_memory,
     sdpa_context,
+    time_interleaved,
     time_iterations,
     write_results,
 )
@@ -142,37 +144,67 @@ def main(argv=None) -> dict:
             ).images
 
     results, images = [], {}
-    for mode in args.modes:
-        for name in args.impls:
-            if mode == "regional" and name != "dit-hf":
-                continue  # diffusers' DiTTransformer2DModel declares no repeated blocks
-            pipe = pipes[name]
+
+    def variant(mode: str, transformer):
+        """The transformer that `mode` runs: compiled wrappers share the weights; regional compiles in place."""
+        if mode == "compile":
+            return torch.compile(transformer)
+        if mode == "cudagraphs":
+            return torch.compile(transformer, mode="reduce-overhead")
+        if mode == "regional":
+            transformer.compile_repeated_blocks(fullgraph=True)
+        return transformer
+
+    def uncompile_blocks(transformer):
+        for block in transformer.modules():  # back to the eager blocks after a regional compile
+            block._compiled_call_impl = None
+
+    def record(name: str, mode: str, timing: dict):
+        out = call(name)
+        out = out if torch.is_tensor(out) else torch.from_numpy(out).permute(0, 3, 1, 2)
+        images[(name, mode)] = out.float().cpu()
+        results.append(
+            {
+                "impl": name,
+                "mode": mode,
+                "images_per_s": args.batch_size / timing["median_s"],
+                "s_per_batch": timing["median_s"],
+                "peak_mem_gib": peak_memory_gib(args.device),
+            }
+        )
+        print(f"{name:9s} {mode:10s} {results[-1]['images_per_s']:8.2f} images/s", flush=True)
+
+    # diffusers' DiTTransformer2DModel declares no repeated blocks: no regional run for it.
+    variants = [(n, m) for m in args.modes for n in args.impls if not (m == "regional" and n != "dit-hf")]
+    torch._dynamo.reset()
+    eager = {name: pipes[name].transformer for name in args.impls}
+    if args.device.type == "cuda":
+        # One variant at a time, so that each peak memory is its own.
+        for name, mode in variants:
             torch._dynamo.reset()
-            eager_transformer = pipe.transformer
-            if mode == "compile":
-                pipe.transformer = torch.compile(eager_transformer)
-            elif mode == "cudagraphs":
-                pipe.transformer = torch.compile(eager_transformer, mode="reduce-overhead")
-            elif mode == "regional":
-                eager_transformer.compile_repeated_blocks(fullgraph=True)
+            pipes[name].transformer = variant(mode, eager[name])
             reset_memory(args.device)
-            timing = time_iterations(functools.partial(call, name), args.device, args.warmup, args.repeats)
-            out = call(name)
-            out = out if torch.is_tensor(out) else torch.from_numpy(out).permute(0, 3, 1, 2)
-            images[(name, mode)] = out.float().cpu()
-            results.append(
-                {
-                    "impl": name,
-                    "mode": mode,
-                    "images_per_s": args.batch_size / timing["median_s"],
-                    "s_per_batch": timing["median_s"],
-                    "peak_mem_gib": peak_memory_gib(args.device),
-                }
-            )
-            print(f"{name:9s} {mode:10s} {results[-1]['images_per_s']:8.2f} images/s", flush=True)
-            pipe.transformer = eager_transformer
-            for block in eager_transformer.modules():  # undo the regional compile: back to the eager blocks
-                block._compiled_call_impl = None
+            record(name, mode, time_iterations(functools.partial(call, name), args.device, args.warmup, args.repeats))
+            pipes[name].transformer = eager[name]
+            uncompile_blocks(eager[name])
+    else:
+        # On CPU the variants take turns call by call, so that the machine's other load reaches all of them alike;
+        # a regional run gets its own copy of the weights, since that compile changes the module in place.
+        prepared = {(n, m): variant(m, copy.deepcopy(eager[n]) if m == "regional" else eager[n]) for n, m in variants}
+
+        def run_variant(name, mode):
+            pipes[name].transformer = prepared[(name, mode)]
+            try:
+                return call(name)
+            finally:
+                pipes[name].transformer = eager[name]
+
+        fns = {v: functools.partial(run_variant, *v) for v in variants}
+        timings = time_interleaved(fns, args.device, args.warmup, args.repeats)
+        for name, mode in variants:
+            pipes[name].transformer = prepared[(name, mode)]
+            record(name, mode, timings[(name, mode)])
+            pipes[name].transformer = eager[name]
 
     by_key = {(r["impl"], r["mode"]): r for r in results}
     ratios, max_diff = {}, {}
