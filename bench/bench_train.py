@@ -65,6 +65,11 @@ def parse_args(argv=None):
         help=f"Comma list of attention backends to run each mode with: {', '.join(SDPA_BACKENDS)}.",
     )
     p.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute each block in the backward (both models): less activation memory for a larger batch.",
+    )
+    p.add_argument(
         "--ceiling_json",
         default=None,
         help="Output of bench_ceiling.py on this device: adds each run's share of the measured ceilings.",
@@ -102,6 +107,8 @@ def make_step(args, model: torch.nn.Module, mode: str, sdpa: str = "auto"):
     """
     device = args.device
     model = model.to(device).train()
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     optimizer = make_adamw(model.parameters(), device, lr=1e-4, weight_decay=0.0)  # as train_dit.py builds it
     ema = EMAModels(model, [0.9999])
     if mode == "compile":
@@ -270,6 +277,7 @@ def main(argv=None) -> dict:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "sdpa": backends,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "step": "DDPMObjective (eps MSE + VLB) + backward + AdamW + EMA",
     }
     header = ["impl", "mode", "sdpa", "params (M)", "img/s", "step ms (median)", "MFU", "peak GiB"]
@@ -282,7 +290,8 @@ def main(argv=None) -> dict:
         for row, r in zip(rows, results):
             row += [r["of_matmul_ceiling"], r["of_shape_limit"]]
     table = (
-        f"Training step, {args.model} {settings['latent']} batch {args.batch_size} {args.precision} — "
+        f"Training step, {args.model} {settings['latent']} batch {args.batch_size} {args.precision}"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''} — "
         f"{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}\n\n"
         + markdown_table(header, rows)
         + "\n\n"

@@ -6,14 +6,20 @@ call on CPU — and the median is reported with the spread (min, max).
 """
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
+
+# A checkout that was never `pip install`ed (a GPU machine with torch and diffusers alone): use its source tree.
+if importlib.util.find_spec("dit_hf") is None:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 # Dense bf16 matmul peak (TFLOP/s) used for MFU when --peak_tflops is not given: data-sheet numbers, no sparsity.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}

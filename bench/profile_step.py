@@ -72,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--impls", default="dit-hf,diffusers")
     p.add_argument("--modes", default="eager", help="Comma list of eager, compile, regional (dit-hf only).")
     p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute each block in the backward.")
     p.add_argument("--warmup", type=int, default=None, help="Default: 3 (10 with compile).")
     p.add_argument("--repeats", type=int, default=10, help="Steps timed phase by phase.")
     p.add_argument("--profiled_steps", type=int, default=3, help="Steps recorded by the profiler.")
@@ -229,6 +230,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "sdpa": args.sdpa,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "repeats": args.repeats,
         "profiled_steps": args.profiled_steps,
     }

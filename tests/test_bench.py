@@ -1,5 +1,6 @@
 """The benchmark scripts run on CPU (tiny configs) and write what the README table needs."""
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -229,3 +230,41 @@ assert not loaded, loaded
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_bench_scripts_run_from_a_checkout_that_was_not_installed(tmp_path):
+    import subprocess
+
+    code = f"""
+import os, sys
+# Forget the installed package: no path entry that holds dit_hf, no module already loaded.
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "dit_hf"))]
+sys.path.insert(0, {str(BENCH)!r})
+import bench_ceiling
+import dit_hf
+assert os.path.dirname(os.path.dirname(dit_hf.__file__)) == os.path.join(os.path.dirname({str(BENCH)!r}), "src")
+bench_ceiling.main(["--matmul_size", "32", "--copy_mib", "1", "--warmup", "0", "--repeats", "1",
+                    "--batch_size", "2", "--out", {str(tmp_path / "c.json")!r}])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "c.json").exists()
+
+
+def test_bench_train_gradient_checkpointing_recomputes_blocks_in_both_models(tmp_path):
+    import bench_train
+
+    args = bench_train.parse_args(["--batch_size", "2", "--gradient_checkpointing"])
+    for name, model in bench_train.build_models(args).items():
+        calls = []
+        block = model.blocks[0] if name == "dit-hf" else model.transformer_blocks[0]
+        block.register_forward_pre_hook(functools.partial(lambda seen, module, inputs: seen.append(1), calls))
+        bench_train.make_step(args, model, "eager")()
+        assert model.is_gradient_checkpointing
+        assert len(calls) == 2, name  # the forward, then again in the backward
+    payload = bench_train.main(
+        ["--batch_size", "2", "--warmup", "0", "--repeats", "1", "--gradient_checkpointing"]
+        + ["--out", str(tmp_path / "t.json")]
+    )
+    assert payload["settings"]["gradient_checkpointing"] is True
+    assert "gradient checkpointing" in (tmp_path / "t.md").read_text().splitlines()[0]
