@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from dit_hf import DiTModel, DiTPipeline
 from dit_hf.data import (
+    CachedImages,
     ImageLabelDataset,
     build_transform,
     check_labels,
@@ -72,6 +73,7 @@ DIGITS_DEFAULTS = dict(
     resolution=8,
     image_channels=1,
     random_flip=False,
+    cache_images=True,
     model="DiT-S/2",
     hidden_size=128,
     depth=4,
@@ -90,6 +92,7 @@ DATASET_DEFAULTS = dict(
     resolution=256,
     image_channels=3,
     random_flip=True,
+    cache_images=False,
     model="DiT-XL/2",
     train_batch_size=32,
     learning_rate=1e-4,
@@ -118,6 +121,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_bad_image_fraction", type=float, default=0.01)
     data.add_argument("--num_classes", type=int, default=None, help="Default: from the data set's labels.")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--cache_images",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Decode, convert and crop every image once and keep the uint8 pixels in RAM (flips stay random); "
+        "for data sets that fit. Default: on for the embedded digits, off otherwise.",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -224,6 +234,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(input_args)
     defaults = DATASET_DEFAULTS if (args.dataset_name or args.train_data_dir) else DIGITS_DEFAULTS
+    if args.cache_latents and args.cache_images is None:
+        args.cache_images = False  # latents are cached instead
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -236,6 +248,11 @@ def validate_args(args):
         raise ValueError("Give --dataset_name or --train_data_dir, not both.")
     if args.cache_latents and not args.vae:
         raise ValueError("--cache_latents stores VAE latents: also pass --vae.")
+    if args.cache_latents and args.cache_images:
+        raise ValueError(
+            "--cache_images and --cache_latents both keep the data set decoded; --cache_latents already skips the "
+            "images: drop --cache_images."
+        )
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError(
             "--mixed_precision fp16 needs a CUDA GPU (no GPU found). Use --mixed_precision bf16 or no on CPU."
@@ -494,6 +511,9 @@ def main(args: argparse.Namespace) -> dict:
         args.resolution, args.center_crop, args.random_flip and not args.cache_latents, args.image_channels
     )
     train_dataset = ImageLabelDataset(ds, image_column, label_column if num_classes else None, transform)
+    if args.cache_images:
+        train_dataset = CachedImages(train_dataset)
+        logger.info("Cached %d images in RAM (%.1f MiB)", len(train_dataset), train_dataset.pixels.nbytes / 2**20)
     encoder = None
     if args.repa_encoder:
         from dit_hf.repa import REPAEncoder
@@ -536,8 +556,10 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
-        # Cached latents come as whole batches (one gather) rather than item by item.
-        collate_fn=BatchedCachedLatents.collate if cached is not None else None,
+        # Cached latents and images come as whole batches (one gather) rather than item by item.
+        collate_fn=(
+            BatchedCachedLatents.collate if cached is not None else CachedImages.collate if args.cache_images else None
+        ),
     )
     if len(train_dataloader) == 0:
         raise ValueError(

@@ -8,6 +8,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from dit_hf.data import (
+    CachedImages,
     ImageLabelDataset,
     build_transform,
     center_crop_arr,
@@ -283,3 +284,41 @@ def test_check_resolution():
         check_resolution(100, patch_size=2, vae_scale_factor=8)
     with pytest.raises(ValueError, match=r"multiple of 8 .*use 8\."):
         check_resolution(6, patch_size=8)
+
+
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_cached_images_give_the_same_batches_as_decoding(image_folder, tmp_path, random_flip):
+    ds = load_folder(image_folder, tmp_path)
+    transform = build_transform(8, center_crop=True, random_flip=random_flip)
+    decoded = ImageLabelDataset(ds, "image", "label", transform)
+    cached = CachedImages(decoded, chunk_size=4)  # chunks that do not divide the 6 rows
+    assert cached.pixels.dtype == torch.uint8 and cached.pixels.shape == (6, 3, 8, 8)
+
+    def batches(dataset, collate):
+        torch.manual_seed(0)  # the flips come from torch's RNG: the same draws, in the same order
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(1))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=collate)
+        return [batch for _ in range(3) for batch in loader]
+
+    expected, got = batches(decoded, None), batches(cached, CachedImages.collate)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a["pixel_values"], b["pixel_values"])  # bit-identical floats and flips
+        assert torch.equal(a["class_labels"], b["class_labels"])
+    if random_flip:
+        flipped = [not torch.equal(b["pixel_values"][k], cached[0]["pixel_values"]) for b in got for k in range(3)]
+        assert any(flipped)
+    # Item access agrees too, and an unconditional data set has no labels.
+    torch.manual_seed(5)
+    first = decoded[4]
+    torch.manual_seed(5)
+    assert torch.equal(cached[4]["pixel_values"], first["pixel_values"])
+    assert set(CachedImages(ImageLabelDataset(ds, "image", None, transform))[0]) == {"pixel_values"}
+    with pytest.raises(TypeError, match="dict made by the data set's __getitems__"):
+        CachedImages.collate([cached[0]])
+
+
+def test_cached_images_refuse_what_does_not_fit(image_folder, tmp_path):
+    ds = load_folder(image_folder, tmp_path)
+    decoded = ImageLabelDataset(ds, "image", "label", build_transform(8, True, False))
+    with pytest.raises(MemoryError, match=r"--cache_images needs .* for 6 images at 3×8×8.*drop --cache_images"):
+        CachedImages(decoded, max_fraction_of_ram=1e-12)

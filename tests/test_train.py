@@ -328,3 +328,16 @@ def test_make_adamw_is_fused_on_cpu_and_matches_the_reference_update():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # A device type without a fused kernel gets PyTorch's default implementation.
     assert make_adamw([torch.nn.Parameter(torch.zeros(2))], "meta", lr=1e-3).param_groups[0]["fused"] in (None, False)
+
+
+def test_cache_images_is_the_digits_default_and_trains_identically(tmp_path):
+    assert train_dit.parse_args([]).cache_images is True
+    assert train_dit.parse_args(["--dataset_name", "user/data"]).cache_images is False
+    assert train_dit.parse_args(["--vae", "some/vae", "--cache_latents", str(tmp_path)]).cache_images is False
+    with pytest.raises(ValueError, match="--cache_images and --cache_latents .* drop --cache_images"):
+        train_dit.parse_args(["--vae", "some/vae", "--cache_latents", str(tmp_path), "--cache_images"])
+
+    run(tmp_path / "cached", "--max_train_steps", "3")
+    run(tmp_path / "decoded", "--max_train_steps", "3", "--no-cache_images")
+    assert losses(tmp_path / "cached") == losses(tmp_path / "decoded")
+    assert len(losses(tmp_path / "cached")) == 3

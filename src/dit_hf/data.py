@@ -23,6 +23,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from .training import whole_batch_collate
+
 # Columns tried, in order, when --image_column / --label_column are not given (the names used by Hub image datasets).
 DEFAULT_IMAGE_COLUMNS = ("image", "img")
 DEFAULT_LABEL_COLUMNS = ("label", "labels", "class", "class_label")
@@ -350,17 +352,28 @@ class ImageTransform:
         self.random_flip = random_flip
         self.channels = channels
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """The deterministic part: converted, resized and cropped uint8 pixels `(resolution, resolution, channels)`."""
         image = to_mode(image, "RGB" if self.channels == 3 else "L")
         crop = center_crop_arr if self.center_crop else resize_center_crop
-        array = np.asarray(crop(image, self.resolution), dtype=np.float32).reshape(
+        return np.array(crop(image, self.resolution), dtype=np.uint8).reshape(  # a writable copy, for torch
             self.resolution, self.resolution, self.channels
         )
-        pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, R, R) in [-1, 1]
+
+    @staticmethod
+    def normalize(pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (any layout) -> float32 in [-1, 1]."""
+        return pixels.float() / 127.5 - 1.0
+
+    def maybe_flip(self, pixels: torch.Tensor) -> torch.Tensor:
         # torch's RNG, not Python's: accelerate's set_seed and the DataLoader's per-worker seeding make flips repeat.
         if self.random_flip and torch.rand(()).item() < 0.5:
             pixels = pixels.flip(-1)
         return pixels
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(self.crop(image)).permute(2, 0, 1).contiguous()  # (C, R, R)
+        return self.maybe_flip(self.normalize(pixels))
 
     def __repr__(self) -> str:
         return (
@@ -413,6 +426,65 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         if self.label_column is not None:
             item["class_labels"] = torch.tensor(row[self.label_column], dtype=torch.long)
         return item
+
+
+def physical_memory_bytes() -> int | None:
+    """Installed RAM, where the platform reports it (Linux and macOS); None elsewhere."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """`--cache_images`: every image of an [`ImageLabelDataset`] decoded, converted and cropped once, kept in RAM as
+    uint8 `(N, C, R, R)`; the random flip is still drawn per item and step.
+
+    Items are exactly those of the wrapped dataset (same float values, same torch RNG draws in the same order).
+    DataLoader calls `__getitems__` with a batch's indices and gets the whole batch from one gather; build it with
+    `collate_fn=CachedImages.collate`. Refused, with the size, when the pixels would take over half of the RAM.
+    """
+
+    def __init__(self, dataset: ImageLabelDataset, chunk_size: int = 512, max_fraction_of_ram: float = 0.5):
+        transform = dataset.transform
+        n, c, r = len(dataset), transform.channels, transform.resolution
+        needed, ram = n * c * r * r, physical_memory_bytes()
+        if ram is not None and needed > max_fraction_of_ram * ram:
+            raise MemoryError(
+                f"--cache_images needs {needed / 2**30:.1f} GiB for {n} images at {c}×{r}×{r}, more than half of this "
+                f"machine's {ram / 2**30:.1f} GiB: drop --cache_images, or lower --resolution or --max_train_samples."
+            )
+        self.transform = transform
+        self.pixels = torch.empty((n, c, r, r), dtype=torch.uint8)
+        for start in range(0, n, chunk_size):
+            images = dataset.ds[start : start + chunk_size][dataset.image_column]
+            for offset, image in enumerate(images):
+                self.pixels[start + offset] = torch.from_numpy(transform.crop(image)).permute(2, 0, 1)
+        self.labels = None
+        if dataset.label_column is not None:
+            self.labels = torch.tensor(dataset.ds[dataset.label_column], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"pixel_values": self.transform.maybe_flip(self.transform.normalize(self.pixels[index]))}
+        if self.labels is not None:
+            item["class_labels"] = self.labels[index]
+        return item
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        pixels = self.transform.normalize(self.pixels[index])
+        if self.transform.random_flip:
+            for k in range(len(indices)):  # one draw per item, in order, as item-by-item loading makes them
+                pixels[k] = self.transform.maybe_flip(pixels[k])
+        batch = {"pixel_values": pixels}
+        if self.labels is not None:
+            batch["class_labels"] = self.labels[index]
+        return batch
+
+    collate = staticmethod(whole_batch_collate)
 
 
 def select_subset(ds: datasets.Dataset, max_train_samples: int | None, seed: int | None = None) -> datasets.Dataset:

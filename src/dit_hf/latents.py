@@ -45,6 +45,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .training import whole_batch_collate
+
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
 SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels")
@@ -460,11 +462,7 @@ class BatchedCachedLatents(CachedLatentDataset):
             batch["repa_features"] = self.features[index, flip]
         return batch
 
-    @staticmethod
-    def collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not isinstance(batch, dict):
-            raise TypeError("BatchedCachedLatents.collate expects the dict made by __getitems__, got a list of items.")
-        return batch
+    collate = staticmethod(whole_batch_collate)
 
 
 def sample_latents(
