@@ -64,6 +64,7 @@ from dit_hf.training import (
     resolve_resume_path,
     sample_offset,
     wandb_has_credentials,
+    whole_batch_collate,
 )
 
 logger = get_logger(__name__)
@@ -557,9 +558,7 @@ def main(args: argparse.Namespace) -> dict:
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
         # Cached latents and images come as whole batches (one gather) rather than item by item.
-        collate_fn=(
-            BatchedCachedLatents.collate if cached is not None else CachedImages.collate if args.cache_images else None
-        ),
+        collate_fn=whole_batch_collate if (cached is not None or args.cache_images) else None,
     )
     if len(train_dataloader) == 0:
         raise ValueError(
