@@ -46,7 +46,10 @@ CATEGORIES = (
     ("normalization", ("layer_norm", "layernorm", "rms_norm", "rmsnorm", "group_norm")),
     ("fused (Inductor)", ("triton_", "cpp_fused", "graph_")),
     ("random numbers", ("normal", "uniform", "random", "philox", "bernoulli", "rand")),
-    ("copy / cast", ("copy", "cat", "contiguous", "clone", "_to_copy", "transpose", "permute", "fill", "zero")),
+    (
+        "copy / cast",
+        ("copy", "memcpy", "memset", "cat", "contiguous", "clone", "transpose", "permute", "fill", "zero"),
+    ),
     (
         "elementwise / activation",
         ("gelu", "silu", "mul", "add", "sub", "div", "exp", "pow", "sqrt", "where", "elementwise", "reduce", "sum"),

@@ -168,6 +168,7 @@ def test_profile_step_phases_and_categories(tmp_path):
             "void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<normal>",
             "random numbers",
         ),
+        ("Memcpy DtoD (Device -> Device)", "copy / cast"),
         ("cudaLaunchKernel", "other"),
     ],
 )
