@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     SDPA_BACKENDS,
+    add_model_args,
     apply_device_defaults,
     environment,
     markdown_table,
@@ -44,10 +45,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="A DiT preset (default: DiT-XL/2 on CUDA, a tiny DiT-S/2 on CPU).")
-    p.add_argument("--latent_size", type=int, default=None, help="Default: 32 on CUDA (256 px), 8 on CPU.")
-    p.add_argument("--batch_size", type=int, default=None, help="Default: 128 on CUDA, 16 on CPU.")
-    p.add_argument("--precision", choices=sorted(DTYPES), default=None, help="Default: bf16 on CUDA, fp32 on CPU.")
+    add_model_args(p, "Default: 128 on CUDA, 16 on CPU.", tuple(sorted(DTYPES)), "Default: bf16 on CUDA, fp32 on CPU.")
     p.add_argument("--matmul_size", type=int, default=None, help="Side of the square product (8192 CUDA, 512 CPU).")
     p.add_argument("--copy_mib", type=int, default=None, help="Bytes copied per call (2048 MiB CUDA, 64 MiB CPU).")
     p.add_argument("--warmup", type=int, default=3)

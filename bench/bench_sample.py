@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     SDPA_BACKENDS,
+    add_model_args,
     apply_device_defaults,
     environment,
     markdown_table,
@@ -58,10 +59,8 @@ TINY_VAE = dict(
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="Default: DiT-XL/2 on CUDA, a tiny DiT-S/2 on CPU.")
-    p.add_argument("--latent_size", type=int, default=None, help="Default: 32 on CUDA, 8 on CPU.")
-    p.add_argument("--batch_size", type=int, default=None, help="Images per batch. Default: 64 on CUDA, 8 on CPU.")
-    p.add_argument("--precision", choices=sorted(DTYPES), default=None, help="Default: fp16 on CUDA, fp32 on CPU.")
+    batch_help = "Images per batch. Default: 64 on CUDA, 8 on CPU."
+    add_model_args(p, batch_help, tuple(sorted(DTYPES)), "Default: fp16 on CUDA, fp32 on CPU.")
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=4.0)

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     SDPA_BACKENDS,
+    add_model_args,
     apply_device_defaults,
     default_peak_tflops,
     environment,
@@ -42,14 +43,33 @@ from dit_hf.objective import DDPMObjective, make_ddpm_scheduler  # noqa: E402
 from dit_hf.training import dit_train_flops_per_sample, make_adamw  # noqa: E402
 
 
+def add_step_args(p):
+    """Options of the benchmarked step, shared with profile_step.py."""
+    add_model_args(p, "Default: 128 on CUDA, 16 on CPU.", ("fp32", "bf16"), "Default: bf16 on CUDA.")
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--impls", default="dit-hf,diffusers")
+    p.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute each block in the backward (both models): less activation memory for a larger batch.",
+    )
+
+
+def step_settings(args) -> dict:
+    """The settings of the benchmarked step, for the result files."""
+    return {
+        "model": args.model,
+        "overrides": args.overrides,
+        "latent": [args.channels, args.latent_size, args.latent_size],
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="A DiT preset (default: DiT-XL/2 on CUDA, a tiny DiT-S/2 on CPU).")
-    p.add_argument("--latent_size", type=int, default=None, help="Default: 32 on CUDA (256 px), 8 on CPU.")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=None, help="Default: 128 on CUDA, 16 on CPU.")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="Default: bf16 on CUDA.")
-    p.add_argument("--impls", default="dit-hf,diffusers")
+    add_step_args(p)
     p.add_argument(
         "--modes",
         default="eager",
@@ -63,11 +83,6 @@ def parse_args(argv=None):
         "--sdpa",
         default="auto",
         help=f"Comma list of attention backends to run each mode with: {', '.join(SDPA_BACKENDS)}.",
-    )
-    p.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute each block in the backward (both models): less activation memory for a larger batch.",
     )
     p.add_argument(
         "--ceiling_json",
@@ -269,15 +284,10 @@ def main(argv=None) -> dict:
         ratios["best dit-hf / best diffusers"] = best("dit-hf")["img_per_s"] / best("diffusers")["img_per_s"]
     env = environment(args.device)
     settings = {
-        "model": args.model,
-        "overrides": args.overrides,
-        "latent": [args.channels, args.latent_size, args.latent_size],
-        "batch_size": args.batch_size,
-        "precision": args.precision,
+        **step_settings(args),
         "warmup": args.warmup,
         "repeats": args.repeats,
         "sdpa": backends,
-        "gradient_checkpointing": args.gradient_checkpointing,
         "step": "DDPMObjective (eps MSE + VLB) + backward + AdamW + EMA",
     }
     header = ["impl", "mode", "sdpa", "params (M)", "img/s", "step ms (median)", "MFU", "peak GiB"]

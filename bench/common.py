@@ -46,6 +46,14 @@ def sdpa_context(backend: str):
     return sdpa_kernel(names[backend])
 
 
+def add_model_args(p, batch_help: str, precisions: tuple[str, ...], precision_help: str):
+    """The model, latent size, batch and precision options that every benchmark takes (unset: the device defaults)."""
+    p.add_argument("--model", default=None, help="A DiT preset (default: DiT-XL/2 on CUDA, a tiny DiT-S/2 on CPU).")
+    p.add_argument("--latent_size", type=int, default=None, help="Default: 32 on CUDA (256 px), 8 on CPU.")
+    p.add_argument("--batch_size", type=int, default=None, help=batch_help)
+    p.add_argument("--precision", choices=precisions, default=None, help=precision_help)
+
+
 def sdpa_refused(error: RuntimeError) -> bool:
     """Whether an error says that the chosen attention backend does not take this shape, dtype or device."""
     return any(m in str(error) for m in ("No available kernel", "No viable backend"))

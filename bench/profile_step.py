@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import build_models, make_step  # noqa: E402
+from bench_train import add_step_args, build_models, make_step, step_settings  # noqa: E402
 from common import (  # noqa: E402
     SDPA_BACKENDS,
     apply_device_defaults,
@@ -67,15 +67,9 @@ def categorize(name: str) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="A DiT preset (default: DiT-XL/2 on CUDA, a tiny DiT-S/2 on CPU).")
-    p.add_argument("--latent_size", type=int, default=None, help="Default: 32 on CUDA (256 px), 8 on CPU.")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=None, help="Default: 128 on CUDA, 16 on CPU.")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="Default: bf16 on CUDA.")
-    p.add_argument("--impls", default="dit-hf,diffusers")
+    add_step_args(p)
     p.add_argument("--modes", default="eager", help="Comma list of eager, compile, regional (dit-hf only).")
     p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute each block in the backward.")
     p.add_argument("--warmup", type=int, default=None, help="Default: 3 (10 with compile).")
     p.add_argument("--repeats", type=int, default=10, help="Steps timed phase by phase.")
     p.add_argument("--profiled_steps", type=int, default=3, help="Steps recorded by the profiler.")
@@ -227,13 +221,8 @@ def main(argv=None) -> dict:
             )
         )
     settings = {
-        "model": args.model,
-        "overrides": args.overrides,
-        "latent": [args.channels, args.latent_size, args.latent_size],
-        "batch_size": args.batch_size,
-        "precision": args.precision,
+        **step_settings(args),
         "sdpa": args.sdpa,
-        "gradient_checkpointing": args.gradient_checkpointing,
         "repeats": args.repeats,
         "profiled_steps": args.profiled_steps,
     }
