@@ -48,7 +48,7 @@ from dit_hf.data import (
 )
 from dit_hf.ema import EMAModels, parse_ema_decays
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
-from dit_hf.modeling_dit import DIT_PRESETS, RECIPE_PRESETS
+from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
 from dit_hf.pipeline_dit import image_grid
 from dit_hf.training import (
@@ -306,13 +306,7 @@ ARCHITECTURE_FLAGS = (
     "depth",
     "num_heads",
     "patch_size",
-    "qk_norm",
-    "norm_type",
-    "mlp_type",
-    "pos_embed_type",
-    "head_depth",
-    "head_hidden_size",
-    "head_num_heads",
+    *BLOCK_OPTION_KEYS,
 )
 
 

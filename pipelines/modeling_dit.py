@@ -55,6 +55,8 @@ RECIPE_PRESETS = {
 
 # The options of later designs and the values that give the plain DiT of the paper.
 PLAIN_DIT_OPTIONS = dict(qk_norm=False, norm_type="layer", mlp_type="gelu", pos_embed_type="sincos", head_depth=0)
+# Every config key of those designs, the DDT head's sizes included: the trainer's flags and the model card list these.
+BLOCK_OPTION_KEYS = (*PLAIN_DIT_OPTIONS, "head_hidden_size", "head_num_heads")
 
 
 @dataclass

@@ -431,3 +431,14 @@ def test_export_to_diffusers_refuses_options(name):
 def test_bad_option_raises(overrides, match):
     with pytest.raises(ValueError, match=match):
         DiTModel(**{**TINY_DIT, **overrides})
+
+
+def test_block_option_keys_are_config_keys_listed_on_the_model_card():
+    import inspect
+
+    from dit_hf.hub import ARCHITECTURE_KEYS
+    from dit_hf.modeling_dit import BLOCK_OPTION_KEYS
+
+    assert set(BLOCK_OPTION_KEYS) <= set(inspect.signature(DiTModel.__init__).parameters)
+    assert set(BLOCK_OPTION_KEYS) <= set(ARCHITECTURE_KEYS)
+    assert {"head_num_heads", "pos_embed_type"} <= set(BLOCK_OPTION_KEYS)

@@ -20,6 +20,8 @@ import shlex
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .modeling_dit import BLOCK_OPTION_KEYS
+
 logger = logging.getLogger(__name__)
 
 HUB_TAGS = ["dit-hf", "diffusers", "dit", "class-conditional", "image-generation"]
@@ -58,12 +60,7 @@ ARCHITECTURE_KEYS = (
     "depth",
     "num_heads",
     "learn_sigma",
-    "qk_norm",
-    "norm_type",
-    "mlp_type",
-    "pos_embed_type",
-    "head_depth",
-    "head_hidden_size",
+    *BLOCK_OPTION_KEYS,
 )
 MAX_LISTED_CLASSES = 30
 
