@@ -143,7 +143,7 @@ class EMAModels:
         Ready for `save_pretrained` or sampling; `model` itself is left untouched.
         """
         self._check_index(index)
-        averaged = copy.deepcopy(model).to(torch.float32)
+        averaged = copy.deepcopy(model).float()  # not .to(dtype): diffusers warns on every such call
         self.copy_to(averaged, index)
         return averaged.requires_grad_(False).eval()
 
