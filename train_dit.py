@@ -47,6 +47,7 @@ from dit_hf.data import (
     select_subset,
 )
 from dit_hf.ema import EMAModels, parse_ema_decays
+from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
@@ -197,7 +198,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--lr_scheduler", default="constant", choices=("constant", "constant_with_warmup", "cosine", "linear")
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=None)
-    optim.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    optim.add_argument(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16", "fp8"),
+        default=None,
+        help="fp8: FP8 matmuls in the blocks' token-wise layers (torchao, GPUs of compute capability 8.9+), "
+        "bf16 elsewhere. Default: accelerate's config.",
+    )
     optim.add_argument("--allow_tf32", action="store_true")
     optim.add_argument("--gradient_checkpointing", action="store_true")
     optim.add_argument("--compile", action="store_true", help="torch.compile each DiT block (regional).")
@@ -258,6 +265,8 @@ def validate_args(args):
         raise ValueError(
             "--mixed_precision fp16 needs a CUDA GPU (no GPU found). Use --mixed_precision bf16 or no on CPU."
         )
+    if requested_precision(args) == "fp8":
+        check_fp8_available()  # torchao; the GPU is checked once accelerate has picked it
     for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "checkpointing_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
@@ -452,17 +461,29 @@ def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, s
     return images, labels, grid
 
 
+def requested_precision(args: argparse.Namespace) -> str:
+    """--mixed_precision, else what `accelerate launch` passes on from its config, else "no"."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def main(args: argparse.Namespace) -> dict:
     start_time = time.time()
     logging_dir = os.path.join(args.output_dir, "logs")
+    fp8 = requested_precision(args) == "fp8"
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # accelerate converts the model in `prepare`: FP8 only in the blocks' token-wise layers (dit_hf.fp8).
+        kwargs_handlers=[fp8_recipe()] if fp8 else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if fp8:
+        check_fp8_available(accelerator.device)
+        if accelerator.device.type == "cpu":
+            logger.warning("FP8 on a CPU is emulated and slower than float32: use it to check a run, not to train.")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on CPU.")
     # Each process seeds differently (e.g. data augmentation in workers); the diffusion noise comes from
@@ -513,7 +534,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.repa_encoder:
         from dit_hf.repa import REPAEncoder
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+        dtype = dtypes.get(accelerator.mixed_precision, torch.float32)
         encoder = REPAEncoder(args.repa_encoder, dtype=dtype, cache_dir=args.cache_dir).to(accelerator.device)
     cached = None
     if args.cache_latents:
@@ -655,6 +677,13 @@ def main(args: argparse.Namespace) -> dict:
         sample_timesteps=objective.sample_timesteps,
     )
     unwrapped = accelerator.unwrap_model(model)
+    if fp8:
+        logger.info("FP8 matmuls in %d of the model's %d linear layers", *count_fp8_linears(unwrapped))
+
+    def ema_model(index: int) -> DiTModel:
+        # Plain linear layers (no FP8) for sampling and saving: the model a user loads from the saved folder.
+        return strip_fp8(ema.averaged_model(unwrapped, index))
+
     flops_per_sample = dit_train_flops_per_sample(
         unwrapped.config.hidden_size, unwrapped.config.depth, (sample_size // patch_size) ** 2
     )
@@ -664,7 +693,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def write_checkpoint_extras(directory):
         for i, decay in enumerate(ema.decays):
-            ema.averaged_model(unwrapped, i).save_pretrained(os.path.join(directory, f"ema_{decay}"))
+            ema_model(i).save_pretrained(os.path.join(directory, f"ema_{decay}"))
         state.save(directory)
 
     logger.info(
@@ -807,7 +836,7 @@ def main(args: argparse.Namespace) -> dict:
                 and state.global_step % args.validation_steps == 0
                 and accelerator.is_main_process
             ):
-                pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), objective, vae, id2label)
+                pipe = make_pipeline(ema_model(0), objective, vae, id2label)
                 _, _, grid = sample_grid(
                     pipe, validation_classes, args.num_samples_per_class, args, accelerator.device
                 )
@@ -831,7 +860,7 @@ def main(args: argparse.Namespace) -> dict:
                         evaluator["reference"] = reference_stats(
                             reference, extractor, resolution=None if fixed else args.resolution
                         )
-                    pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), objective, vae, id2label)
+                    pipe = make_pipeline(ema_model(0), objective, vae, id2label)
                     scores = evaluate_pipeline(
                         pipe, args, num_classes, accelerator.device, evaluator["extractor"], evaluator["reference"]
                     )
@@ -854,10 +883,10 @@ def main(args: argparse.Namespace) -> dict:
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
-        pipe = make_pipeline(ema.averaged_model(unwrapped, 0).eval(), objective, vae, id2label)
+        pipe = make_pipeline(ema_model(0), objective, vae, id2label)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
-            ema.averaged_model(unwrapped, i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
+            ema_model(i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
         all_classes = list(range(num_classes)) if num_classes else None
         images, labels, grid = sample_grid(pipe, all_classes, args.num_samples_per_class, args, accelerator.device)
         grid_path = os.path.join(args.output_dir, "samples.png")

@@ -3,7 +3,9 @@
 
 Data-sheet peaks overstate what a chip sustains; this script measures, on the machine at hand:
 
-- the matrix-multiply rate: one large square product in the training precision (TFLOP/s);
+- the matrix-multiply rate: one large square product in the training precision (TFLOP/s), and the same product in
+  FP8 (`torch._scaled_mm`, e4m3 operands with per-tensor scales, bf16 result) where the device has it: the rate that
+  `bench_train.py --fp8` can approach;
 - device-memory bandwidth: a large device-to-device copy, bytes read plus bytes written (GB/s);
 - every matrix product of a DiT training step at the model's own shapes (forward, and the two backward products of
   each linear layer), and attention forward + backward through each scaled-dot-product backend that accepts the
@@ -78,6 +80,20 @@ def time_matmul(m: int, k: int, n: int, dtype, device, warmup: int, repeats: int
     return {"shape": [m, k, n], "s": timing["median_s"], "tflops": 2 * m * k * n / timing["median_s"] / 1e12}
 
 
+def time_fp8_matmul(size: int, device, warmup: int, repeats: int) -> dict | None:
+    """A size³ FP8 product as torchao's Float8Linear runs it; None where `torch._scaled_mm` refuses the device."""
+    a = torch.randn(size, size, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device=device).to(torch.float8_e4m3fn).t()  # the second operand column-major
+    one = torch.ones((), device=device)
+    call = functools.partial(torch._scaled_mm, a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    try:
+        call()
+    except RuntimeError:
+        return None
+    timing = time_iterations(call, device, warmup, repeats)
+    return {"shape": [size] * 3, "s": timing["median_s"], "tflops": 2 * size**3 / timing["median_s"] / 1e12}
+
+
 def time_copy(mib: int, device, warmup: int, repeats: int) -> float:
     """Device-to-device copy bandwidth in GB/s, counting the bytes read and the bytes written."""
     src = torch.randn(mib * 2**20 // 4, device=device)
@@ -118,6 +134,7 @@ def main(argv=None) -> dict:
     w, r = args.warmup, args.repeats
     size = args.matmul_size
     square = time_matmul(size, size, size, dtype, device, w, r)
+    fp8 = time_fp8_matmul(size, device, w, r)
     copy_gbps = time_copy(args.copy_mib, device, w, r)
 
     shape = model_shape(args)
@@ -159,6 +176,7 @@ def main(argv=None) -> dict:
             "copy_mib": args.copy_mib,
         },
         "matmul_tflops": square["tflops"],
+        "fp8_matmul_tflops": fp8["tflops"] if fp8 else None,
         "copy_gbps": copy_gbps,
         "gemms": gemms,
         "attention": attention,
@@ -167,6 +185,7 @@ def main(argv=None) -> dict:
         "shape_limited_img_per_s": args.batch_size / step_s,
         # The same step at the square product's rate: the "physical limit" convention of the baselines.
         "matmul_limited_img_per_s": square["tflops"] * 1e12 / flops_per_sample,
+        "fp8_matmul_limited_img_per_s": fp8["tflops"] * 1e12 / flops_per_sample if fp8 else None,
         "flops_per_sample": flops_per_sample,
     }
     env = payload["environment"]
@@ -176,7 +195,8 @@ def main(argv=None) -> dict:
         f"Ceilings, {args.model} training shapes, batch {args.batch_size} {args.precision} — {env['device']}, "
         f"torch {env['torch']}\n\n"
         f"- matmul {size}³ {args.precision}: {square['tflops']:.1f} TFLOP/s\n"
-        f"- device copy: {copy_gbps:,.0f} GB/s (read + write)\n"
+        + (f"- matmul {size}³ fp8 (e4m3, `torch._scaled_mm`): {fp8['tflops']:.1f} TFLOP/s\n" if fp8 else "")
+        + f"- device copy: {copy_gbps:,.0f} GB/s (read + write)\n"
         f"- step limited by the measured matmul rate: {payload['matmul_limited_img_per_s']:,.0f} img/s\n"
         f"- step limited by its own GEMM and attention shapes ({best_attention['backend']} attention): "
         f"{payload['shape_limited_img_per_s']:,.0f} img/s\n\n"

@@ -4,8 +4,9 @@
 Both models carry the same weights (dit-hf's model exported with `dit_to_diffusers`) and run the same full training
 step: the DiT objective (ε-MSE + learned-variance VLB, `DDPMObjective`), backward, AdamW (fused, as the trainer
 builds it), gradient clipping off, and an EMA update (`EMAModels`). Only the model differs, so the ratio is the
-model's. `--sdpa` repeats the runs per attention backend; `--ceiling_json` (from bench_ceiling.py) adds each run's
-share of the measured matmul ceiling and of the step's shape-limited throughput.
+model's. `--fp8 dit-hf` runs the blocks' token-wise matmuls of dit-hf in FP8 (torchao; `--fp8 dit-hf,diffusers`
+applies the same to both models). `--sdpa` repeats the runs per attention backend; `--ceiling_json` (from
+bench_ceiling.py) adds each run's share of the measured matmul ceiling and of the step's shape-limited throughput.
 
     python bench/bench_train.py                                   # CPU: a tiny config, seconds
     python bench/bench_train.py --model DiT-XL/2 --latent_size 32 --batch_size 128 --precision bf16 \\
@@ -39,6 +40,13 @@ from common import (  # noqa: E402
 from dit_hf import DiTModel  # noqa: E402
 from dit_hf.convert import dit_to_diffusers  # noqa: E402
 from dit_hf.ema import EMAModels  # noqa: E402
+from dit_hf.fp8 import (  # noqa: E402
+    check_fp8_available,
+    convert_to_fp8,
+    count_fp8_linears,
+    dit_fp8_module_filter,
+    fp8_capable_linear,
+)
 from dit_hf.objective import DDPMObjective, make_ddpm_scheduler  # noqa: E402
 from dit_hf.training import dit_train_flops_per_sample, make_adamw  # noqa: E402
 
@@ -53,6 +61,34 @@ def add_step_args(p):
         action="store_true",
         help="Recompute each block in the backward (both models): less activation memory for a larger batch.",
     )
+    p.add_argument(
+        "--fp8",
+        default="",
+        help="Comma list of implementations (dit-hf, diffusers) whose blocks run their token-wise linear layers "
+        "(attention in/out, MLP) as torchao Float8Linear: FP8 matmuls with per-tensor scales, bf16 elsewhere. "
+        "Needs --precision bf16, torchao and a GPU of compute capability 8.9+ (a CPU emulates FP8, slowly).",
+    )
+
+
+def check_fp8_args(args) -> None:
+    """Parse `--fp8` into a list and refuse what cannot run, naming the fix."""
+    args.fp8 = [s for s in args.fp8.split(",") if s]
+    unknown = sorted(set(args.fp8) - {"dit-hf", "diffusers"})
+    if unknown:
+        raise SystemExit(f"--fp8: unknown implementation(s) {unknown}; use dit-hf, diffusers or both.")
+    if args.fp8 and args.precision != "bf16":
+        raise SystemExit(f"--fp8 runs the other layers in bf16 autocast: add --precision bf16 (got {args.precision}).")
+    if args.fp8:
+        try:
+            check_fp8_available(args.device)
+        except (ImportError, ValueError) as e:
+            raise SystemExit(str(e).replace("--mixed_precision fp8", "--fp8")) from None
+
+
+def diffusers_fp8_module_filter(module: torch.nn.Module, fqn: str) -> bool:
+    """The token-wise layers of diffusers' DiT blocks (attn1.to_q/k/v/out, ff), as dit_fp8_module_filter picks."""
+    parts = fqn.split(".")
+    return parts[0] == "transformer_blocks" and parts[2] in ("attn1", "ff") and fp8_capable_linear(module)
 
 
 def step_settings(args) -> dict:
@@ -64,6 +100,7 @@ def step_settings(args) -> dict:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "fp8": args.fp8,
     }
 
 
@@ -92,7 +129,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/train.json")
-    return apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
+    args = apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
+    check_fp8_args(args)
+    return args
 
 
 def build_models(args) -> dict[str, torch.nn.Module]:
@@ -114,6 +153,23 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     return {"dit-hf": ours, "diffusers": theirs}
 
 
+def make_forward(args, model, batch_size: int):
+    """The step's forward: the DiT objective (ε-MSE + VLB) on a fixed random batch, in the run's precision."""
+    objective = DDPMObjective(make_ddpm_scheduler(learn_sigma=True), learn_sigma=True)
+    g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    n, c, s, device = batch_size, args.channels, args.latent_size, args.device
+    x0 = torch.randn((n, c, s, s), generator=g).to(device)
+    labels = torch.randint(0, 1000, (n,), generator=g).to(device)
+    timesteps = torch.randint(0, 1000, (n,), generator=g).to(device)
+    noise = torch.randn((n, c, s, s), generator=g).to(device)
+
+    def forward() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            return objective(model, x0, labels, timesteps=timesteps, noise=noise).loss
+
+    return forward
+
+
 def make_step(args, model: torch.nn.Module, mode: str, sdpa: str = "auto"):
     """The benchmarked training step for `model` (moved to the device, compiled as `mode` says).
 
@@ -122,6 +178,9 @@ def make_step(args, model: torch.nn.Module, mode: str, sdpa: str = "auto"):
     """
     device = args.device
     model = model.to(device).train()
+    impl = "dit-hf" if isinstance(model, DiTModel) else "diffusers"
+    if impl in args.fp8:  # before compiling, as torchao expects
+        convert_to_fp8(model, dit_fp8_module_filter if impl == "dit-hf" else diffusers_fp8_module_filter)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = make_adamw(model.parameters(), device, lr=1e-4, weight_decay=0.0)  # as train_dit.py builds it
@@ -133,19 +192,12 @@ def make_step(args, model: torch.nn.Module, mode: str, sdpa: str = "auto"):
         runner = model
     else:
         runner = model
-    objective = DDPMObjective(make_ddpm_scheduler(learn_sigma=True), learn_sigma=True)
-    g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-    n, c, s = args.batch_size, args.channels, args.latent_size
-    x0 = torch.randn((n, c, s, s), generator=g).to(device)
-    labels = torch.randint(0, 1000, (n,), generator=g).to(device)
-    timesteps = torch.randint(0, 1000, (n,), generator=g).to(device)
-    noise = torch.randn((n, c, s, s), generator=g).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    forward = make_forward(args, runner, args.batch_size)
 
     def step(mark=None):
         # The backend is picked in the forward (when compiled graphs are traced, too); backward follows it.
-        with sdpa_context(sdpa), autocast:
-            loss = objective(runner, x0, labels, timesteps=timesteps, noise=noise).loss
+        with sdpa_context(sdpa):
+            loss = forward()
         if mark:
             mark("forward")
         loss.backward()
@@ -174,6 +226,7 @@ def describe(args, name: str, model: torch.nn.Module, mode: str, sdpa: str, timi
     peak = args.peak_tflops or default_peak_tflops(device)
     return {
         "impl": name,
+        "fp8_layers": count_fp8_linears(model)[0],
         "mode": mode,
         "sdpa": sdpa,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -290,9 +343,10 @@ def main(argv=None) -> dict:
         "sdpa": backends,
         "step": "DDPMObjective (eps MSE + VLB) + backward + AdamW + EMA",
     }
-    header = ["impl", "mode", "sdpa", "params (M)", "img/s", "step ms (median)", "MFU", "peak GiB"]
+    header = ["impl", "FP8 layers", "mode", "sdpa", "params (M)", "img/s", "step ms (median)", "MFU", "peak GiB"]
     rows = [
-        [r["impl"], r["mode"], r["sdpa"], r["params_m"], r["img_per_s"], r["step_ms"], r["mfu"], r["peak_mem_gib"]]
+        [r["impl"], r["fp8_layers"], r["mode"], r["sdpa"], r["params_m"], r["img_per_s"], r["step_ms"]]
+        + [r["mfu"], r["peak_mem_gib"]]
         for r in results
     ]
     if ceiling:
@@ -301,6 +355,7 @@ def main(argv=None) -> dict:
             row += [r["of_matmul_ceiling"], r["of_shape_limit"]]
     table = (
         f"Training step, {args.model} {settings['latent']} batch {args.batch_size} {args.precision}"
+        f"{', FP8 matmuls in the blocks of ' + ' and '.join(args.fp8) if args.fp8 else ''}"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''} — "
         f"{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}\n\n"
         + markdown_table(header, rows)

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import add_step_args, build_models, make_step, step_settings  # noqa: E402
+from bench_train import add_step_args, build_models, check_fp8_args, make_step, step_settings  # noqa: E402
 from common import (  # noqa: E402
     SDPA_BACKENDS,
     apply_device_defaults,
@@ -41,7 +41,24 @@ PHASES = ("forward", "backward", "optimizer", "ema")
 # Checked in this order against the lower-cased kernel or operator name; the first match wins.
 CATEGORIES = (
     ("attention", ("attention", "flash", "fmha", "sdpa", "softmax")),
-    ("matmul", ("gemm", "addmm", "aten::mm", "aten::bmm", "matmul", "cutlass", "xmma", "nvjet", "triton_tem", "mkl")),
+    (
+        "matmul",
+        (
+            "gemm",
+            "addmm",
+            "aten::mm",
+            "aten::bmm",
+            "scaled_mm",
+            "matmul",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "triton_tem",
+            "mkl",
+        ),
+    ),
+    # torchao's dynamic scaling (--fp8): amax reductions and casts to float8 (the FP8 GEMMs match "matmul" above).
+    ("FP8 scaling", ("float8", "fp8", "e4m3", "e5m2", "amax", "clamp", "aten::abs")),
     ("optimizer + EMA", ("adam", "_foreach", "multi_tensor", "lerp")),
     ("normalization", ("layer_norm", "layernorm", "rms_norm", "rmsnorm", "group_norm")),
     ("fused (Inductor)", ("triton_", "cpp_fused", "graph_")),
@@ -77,7 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/profile.json")
-    return apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
+    args = apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
+    check_fp8_args(args)
+    return args
 
 
 class PhaseMarks:

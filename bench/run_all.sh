@@ -5,7 +5,8 @@
 #   bash bench/run_all.sh train-xl2 sample   # some stages (each fits in a few minutes on one H100)
 #
 # CUDA stages: train-xl2 train-b2 train-s2 (ceilings, then the training step: eager, compile, regional),
-#              sdpa (attention backends, compiled DiT-XL/2), profile (DiT-XL/2 step breakdown),
+#              sdpa (attention backends, compiled DiT-XL/2), fp8 (dit-hf with FP8 block matmuls against
+#              bf16 diffusers, compiled DiT-XL/2; needs torchao), profile (DiT-XL/2 step breakdown),
 #              sample (DiT-XL/2 pipelines: eager, compile, regional, cudagraphs), loader.
 # CPU stages:  train profile sample loader.
 set -euo pipefail
@@ -14,7 +15,7 @@ mkdir -p bench/results
 R=bench/results
 
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    all_stages="train-xl2 train-b2 train-s2 sdpa profile sample loader"
+    all_stages="train-xl2 train-b2 train-s2 sdpa fp8 profile sample loader"
     on_gpu=1
 else
     all_stages="train profile sample loader"
@@ -25,6 +26,10 @@ stages=("$@")
 
 train_ref() {  # --train_json for the loader when that training result exists (stages can run alone)
     [ -f "$R/$1" ] && echo "--train_json $R/$1" || true
+}
+
+ceiling_ref() {  # --ceiling_json when train-xl2 has measured the ceilings
+    [ -f "$R/$1" ] && echo "--ceiling_json $R/$1" || true
 }
 
 train_gpu() {  # $1: preset, $2: file suffix
@@ -42,6 +47,14 @@ for stage in "${stages[@]}"; do
         1:sdpa)
             python bench/bench_train.py --model DiT-XL/2 --impls dit-hf --modes compile \
                 --sdpa auto,flash,efficient,cudnn --out "$R/train-xl2-sdpa.json" ;;
+        1:fp8)
+            if python -c "import torchao" 2>/dev/null; then
+                # shellcheck disable=SC2046
+                python bench/bench_train.py --model DiT-XL/2 --modes compile,regional --fp8 dit-hf \
+                    $(ceiling_ref ceiling-xl2.json) --out "$R/train-xl2-fp8.json"
+            else
+                echo "fp8: skipped, torchao is not installed (pip install torchao)" >&2
+            fi ;;
         1:profile) python bench/profile_step.py --modes eager,compile --out "$R/profile-xl2.json" ;;
         1:sample)
             python bench/bench_sample.py --modes eager,compile,regional,cudagraphs --out "$R/sample-xl2.json" ;;
