@@ -7,18 +7,20 @@
 # CUDA stages: train-xl2 train-b2 train-s2 (ceilings, then the training step: eager, compile, regional),
 #              sdpa (attention backends, compiled DiT-XL/2), fp8 (dit-hf with FP8 block matmuls against
 #              bf16 diffusers, compiled DiT-XL/2; needs torchao), profile (DiT-XL/2 step breakdown),
-#              sample (DiT-XL/2 pipelines: eager, compile, regional, cudagraphs), loader.
-# CPU stages:  train profile sample loader.
+#              sample (DiT-XL/2 pipelines: eager, compile, regional, cudagraphs), loader,
+#              memory (DiT-XL/2 model states and saved activations, counted; both precisions, with and without
+#              gradient checkpointing).
+# CPU stages:  train profile sample loader memory (the same DiT-XL/2 counts as on CUDA, CPU autocast rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
 R=bench/results
 
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    all_stages="train-xl2 train-b2 train-s2 sdpa fp8 profile sample loader"
+    all_stages="train-xl2 train-b2 train-s2 sdpa fp8 profile sample loader memory"
     on_gpu=1
 else
-    all_stages="train profile sample loader"
+    all_stages="train profile sample loader memory"
     on_gpu=0
 fi
 stages=("$@")
@@ -70,6 +72,14 @@ for stage in "${stages[@]}"; do
         0:loader)
             # shellcheck disable=SC2046
             python bench/bench_loader.py $(train_ref train-cpu.json) --out "$R/loader-cpu.json" ;;
+        *:memory)
+            device=$([ "$on_gpu" = 1 ] && echo cuda || echo cpu)
+            for precision in fp32 bf16; do
+                python bench/bench_memory.py --device $device --precision $precision \
+                    --out "$R/memory-xl2-$device-$precision.json"
+            done
+            python bench/bench_memory.py --device $device --precision bf16 --gradient_checkpointing \
+                --out "$R/memory-xl2-$device-bf16-checkpointing.json" ;;
         *)
             echo "unknown stage '$stage' on this machine; stages here: $all_stages" >&2
             exit 2 ;;

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -225,7 +226,7 @@ class Hide:
 
 sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
 sys.path.insert(0, {str(BENCH)!r})
-import bench_ceiling, bench_loader, bench_sample, bench_train, profile_step
+import bench_ceiling, bench_loader, bench_memory, bench_sample, bench_train, profile_step
 loaded = sorted(BLOCKED & {{m.split(".")[0] for m in sys.modules}})
 assert not loaded, loaded
 """
@@ -269,3 +270,40 @@ def test_bench_train_gradient_checkpointing_recomputes_blocks_in_both_models(tmp
     )
     assert payload["settings"]["gradient_checkpointing"] is True
     assert "gradient checkpointing" in (tmp_path / "t.md").read_text().splitlines()[0]
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_without_parameters():
+    import bench_memory
+
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def forward():
+        h = x @ w  # saves x (512 bytes) and w (a parameter: not counted)
+        return (h.sin() * h.cos()).sum()  # sin and cos both save h (one storage, 512 bytes), mul saves sin, cos
+
+    params = {w.untyped_storage().data_ptr()}
+    assert bench_memory.saved_tensor_bytes(forward, params) == 4 * 512
+
+
+def test_bench_memory_predicts_both_models_and_checkpointing_saves_activations(tmp_path):
+    import bench_memory
+
+    common = ["--model", "DiT-S/2", "--latent_size", "8", "--batch_size", "4", "--precision", "fp32"]
+    plain = bench_memory.main(common + ["--out", str(tmp_path / "m.json")])
+    rows = {r["impl"]: r for r in plain["results"]}
+    ours, theirs = rows["dit-hf"], rows["diffusers"]
+    # 20 bytes per parameter: float32 weights, gradients, two AdamW moments and the EMA.
+    assert ours["model_states_gib"] == pytest.approx(20 * ours["params_m"] * 1e6 / 2**30)
+    assert theirs["model_states_gib"] > ours["model_states_gib"]  # diffusers' per-block embedders
+    # In float32 the two models save the same activations, to a few percent.
+    assert ours["activations_mib_per_image"] == pytest.approx(theirs["activations_mib_per_image"], rel=0.05)
+    predicted = ours["model_states_gib"] + ours["saved_fixed_gib"] + 128 * ours["activations_mib_per_image"] / 1024
+    assert ours["predicted_gib"] == pytest.approx(predicted)
+    assert (tmp_path / "m.md").read_text().startswith("Training memory, DiT-S/2")
+
+    checkpointed = bench_memory.main(common + ["--gradient_checkpointing", "--out", str(tmp_path / "c.json")])
+    for r in checkpointed["results"]:
+        # Only each block's input stays; the rest is recomputed in the backward.
+        assert r["activations_mib_per_image"] < rows[r["impl"]]["activations_mib_per_image"] / 4, r["impl"]
+        assert r["max_batch"] > rows[r["impl"]]["max_batch"]
