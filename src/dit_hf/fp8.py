@@ -1,7 +1,7 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
 """FP8 training matmuls through torchao's `Float8Linear`, in the layers of a DiT where they can pay.
 
-On Hopper and Ada GPUs (compute capability 8.9+) an FP8 matrix product runs at twice the bf16 rate. torchao's
+On Hopper and Ada GPUs (compute capability 8.9+) the FP8 matrix-product peak is twice the bf16 one. torchao's
 `Float8Linear` casts a linear layer's input and weight to `float8_e4m3fn` (and the output gradient to `float8_e5m2`)
 with one dynamic scale per tensor, multiplies with `torch._scaled_mm`, and keeps the weights, gradients and optimizer
 states in their usual precision, so checkpoints are unchanged.
@@ -12,9 +12,9 @@ layer act on one vector per sample or are small: in FP8 their cast overhead woul
 scale and shift of every activation, where precision matters most. `_scaled_mm` needs both dimensions divisible by
 16, so layers that are not are left alone too.
 
-In `train_dit.py` this is `--mixed_precision fp8` (bf16 autocast around the FP8 layers); accelerate converts the model
-in `prepare` with the recipe of [`fp8_recipe`]. On a CPU the FP8 casts are emulated, much slower than float32: it
-runs, for checking a configuration, not for training.
+In `train_dit.py` this is `--mixed_precision fp8` (on a GPU, bf16 autocast around the FP8 layers); accelerate converts
+the model in `prepare` with the recipe of [`fp8_recipe`]. On a CPU the FP8 casts are emulated, much slower than
+float32: it runs, for checking a configuration, not for training.
 """
 
 import importlib.util
