@@ -480,6 +480,8 @@ def main(args: argparse.Namespace) -> dict:
         kwargs_handlers=[fp8_recipe()] if fp8 else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    # The precision in effect, also when it came from the accelerate config: trackers and the model card record it.
+    args.mixed_precision = accelerator.mixed_precision
     if fp8:
         check_fp8_available(accelerator.device)
         if accelerator.device.type == "cpu":

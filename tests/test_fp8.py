@@ -183,9 +183,17 @@ def test_fp8_from_the_accelerate_config_and_bad_setups(tmp_path, monkeypatch, ca
 
     # `accelerate launch` with mixed_precision: fp8 in its config sets this variable; the trainer follows it.
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    tracked = []
+    real_setup_trackers = train_dit.setup_trackers
+    monkeypatch.setattr(
+        train_dit,
+        "setup_trackers",
+        lambda args, acc: tracked.append(args.mixed_precision) or real_setup_trackers(args, acc),
+    )
     with caplog.at_level("INFO"):
         run(tmp_path / "env", "--max_train_steps", "1")
     assert "FP8 matmuls in 8 of" in caplog.text
+    assert tracked == ["fp8"]  # the trackers' config (and the Hub card) record the precision in effect
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
 
     without_torchao(monkeypatch)
