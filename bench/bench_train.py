@@ -70,6 +70,13 @@ def add_step_args(p):
     )
 
 
+def parse_step_args(p: argparse.ArgumentParser, argv=None):
+    """Parse, fill the device defaults of the step and check --fp8 (shared with profile_step.py)."""
+    args = apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
+    check_fp8_args(args)
+    return args
+
+
 def check_fp8_args(args) -> None:
     """Parse `--fp8` into a list and refuse what cannot run, naming the fix."""
     args.fp8 = [s for s in args.fp8.split(",") if s]
@@ -129,9 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/train.json")
-    args = apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
-    check_fp8_args(args)
-    return args
+    return parse_step_args(p, argv)
 
 
 def build_models(args) -> dict[str, torch.nn.Module]:

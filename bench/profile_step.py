@@ -26,10 +26,9 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import add_step_args, build_models, check_fp8_args, make_step, step_settings  # noqa: E402
+from bench_train import add_step_args, build_models, make_step, parse_step_args, step_settings  # noqa: E402
 from common import (  # noqa: E402
     SDPA_BACKENDS,
-    apply_device_defaults,
     environment,
     markdown_table,
     reset_memory,
@@ -94,9 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/profile.json")
-    args = apply_device_defaults(p.parse_args(argv), (128, 16), ("bf16", "fp32"), ("eager", "compile", "regional"))
-    check_fp8_args(args)
-    return args
+    return parse_step_args(p, argv)
 
 
 class PhaseMarks:
