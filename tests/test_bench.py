@@ -88,6 +88,11 @@ def test_bench_ceiling_limit_is_the_sum_of_the_step_products(tmp_path):
     assert backends[payload["best_attention_backend"]] == min(backends.values())
     step_s = s["depth"] * (sum(g["s"] for g in payload["gemms"]) + min(backends.values()))
     assert payload["shape_limited_img_per_s"] == pytest.approx(4 / step_s)
+    # The FP8 square product (torch._scaled_mm, emulated on CPU) and the step it would allow.
+    fp8 = payload["fp8_matmul_tflops"]
+    assert fp8 > 0
+    assert payload["fp8_matmul_limited_img_per_s"] == pytest.approx(fp8 * 1e12 / payload["flops_per_sample"])
+    assert "fp8 (e4m3, `torch._scaled_mm`)" in (tmp_path / "ceiling.md").read_text()
     assert payload["matmul_limited_img_per_s"] == pytest.approx(
         payload["matmul_tflops"] * 1e12 / payload["flops_per_sample"]
     )
