@@ -4,7 +4,7 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
-from conftest import make_pipe, tiny_dit
+from conftest import ddpm_scheduler, make_pipe, tiny_dit
 
 from dit_hf.cli import main
 
@@ -93,3 +93,19 @@ def test_console_script_exits_with_status_0(saved_pipeline, tmp_path, monkeypatc
     monkeypatch.setattr("sys.argv", ["dit-hf", *sample_args(saved_pipeline, out, "--labels", "1")])
     # A console script passes the return value to sys.exit: anything but 0/None would be a failure status.
     assert entry() in (0, None) and out.is_file()
+
+
+def test_sample_uses_the_saved_sampling_defaults(tmp_path):
+    from dit_hf import DiTPipeline
+
+    folder = tmp_path / "pipe"
+    DiTPipeline(
+        tiny_dit(), ddpm_scheduler(), default_num_inference_steps=2, default_guidance_scale=1.0
+    ).save_pretrained(folder)
+    saved, explicit, other = tmp_path / "saved.png", tmp_path / "explicit.png", tmp_path / "other.png"
+    main(["sample", str(folder), "--labels", "1", "2", "--out", str(saved)])
+    main(
+        ["sample", str(folder), "--labels", "1", "2", "--steps", "2", "--guidance_scale", "1", "--out", str(explicit)]
+    )
+    main(["sample", str(folder), "--labels", "1", "2", "--steps", "2", "--guidance_scale", "4", "--out", str(other)])
+    assert saved.read_bytes() == explicit.read_bytes() != other.read_bytes()

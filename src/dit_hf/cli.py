@@ -19,8 +19,10 @@ def add_sample_parser(subparsers):
     p.add_argument("pipeline", help="Folder written by DiTPipeline.save_pretrained (or a Hub repo id).")
     p.add_argument("--labels", nargs="+", default=None, help="Class ids or names, one image each.")
     p.add_argument("--num_images", type=int, default=None, help="Images for an unconditional model.")
-    p.add_argument("--guidance_scale", type=float, default=4.0)
-    p.add_argument("--steps", type=int, default=50, help="Number of denoising steps.")
+    p.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's saved default, else 4.")
+    p.add_argument(
+        "--steps", type=int, default=None, help="Denoising steps. Default: the pipeline's saved default, else 50."
+    )
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the saved scheduler.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cols", type=int, default=None, help="Grid columns (default: about square).")
