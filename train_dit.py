@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from dit_hf import DiTModel, DiTPipeline
 from dit_hf.data import (
+    GRAYSCALE_MODES,
     CachedImages,
     ImageLabelDataset,
     build_transform,
@@ -41,6 +42,7 @@ from dit_hf.data import (
     check_resolution,
     class_names,
     drop_unreadable_images,
+    first_image,
     infer_num_classes,
     load_image_dataset,
     resolve_columns,
@@ -51,7 +53,17 @@ from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
-from dit_hf.pipeline_dit import image_grid
+from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, image_grid
+from dit_hf.recipes import (
+    RECIPE_DEFAULTS,
+    RECIPES,
+    choose_recipe,
+    estimate_hours,
+    format_duration,
+    measure_matmul_flops,
+    small_patch_size,
+    token_warning,
+)
 from dit_hf.training import (
     EpochSampler,
     StepRandomness,
@@ -70,44 +82,16 @@ from dit_hf.training import (
 
 logger = get_logger(__name__)
 
-# Settings of the embedded default run (no data set given): a narrow DiT-S/2 on 8×8 grayscale digits.
-DIGITS_DEFAULTS = dict(
-    resolution=8,
-    image_channels=1,
-    random_flip=False,
-    cache_images=True,
-    model="DiT-S/2",
-    hidden_size=128,
-    depth=4,
-    num_heads=4,
-    train_batch_size=64,
-    learning_rate=1e-3,
-    lr_warmup_steps=100,
-    max_train_steps=3000,
-    ema_decay="0.999",
-    checkpointing_steps=1000,
-    validation_steps=1000,
-    output_dir="outputs/dit-digits",
-)
-# Settings for a data set given by the user: the paper's ImageNet recipe.
-DATASET_DEFAULTS = dict(
-    resolution=256,
-    image_channels=3,
-    random_flip=True,
-    cache_images=False,
-    model="DiT-XL/2",
-    train_batch_size=32,
-    learning_rate=1e-4,
-    lr_warmup_steps=0,
-    ema_decay="0.9999",
-    checkpointing_steps=5000,
-    validation_steps=5000,
-    output_dir="outputs/dit",
-)
-
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--recipe",
+        default="auto",
+        choices=RECIPES,
+        help="Defaults for every flag left unset: digits (no data), small (pixel-space images of 64 px or less), "
+        "paper (DiT-XL/2 on VAE latents). auto picks by the data (see dit_hf.recipes).",
+    )
     data = parser.add_argument_group("data (none given: scikit-learn's digits)")
     data.add_argument("--dataset_name", default=None, help="Anything datasets.load_dataset takes: Hub id or path.")
     data.add_argument("--dataset_config_name", default=None)
@@ -162,11 +146,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--beta_schedule", default="linear", choices=("linear", "squaredcos_cap_v2"))
     model.add_argument(
         "--objective",
-        default="ddpm_eps",
+        default=None,
         choices=OBJECTIVES,
-        help="ddpm_eps (DiT), ddpm_v (v-prediction) or flow (rectified flow, velocity).",
+        help="ddpm_eps (DiT), ddpm_v (v-prediction) or flow (rectified flow, velocity). Default: the recipe's.",
     )
-    model.add_argument("--timestep_sampling", default="uniform", choices=("uniform", "logit_normal"))
+    model.add_argument("--timestep_sampling", default=None, choices=("uniform", "logit_normal"))
     model.add_argument("--logit_mean", type=float, default=0.0)
     model.add_argument("--logit_std", type=float, default=1.0)
     model.add_argument(
@@ -209,6 +193,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--gradient_checkpointing", action="store_true")
     optim.add_argument("--compile", action="store_true", help="torch.compile each DiT block (regional).")
     optim.add_argument("--ema_decay", default=None, help="One or several rates: '0.9999' or '0.999,0.9999'.")
+    optim.add_argument(
+        "--ema_warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Decay min(rate, (1 + n) / (10 + n)) at update n, so short runs do not average in the initial weights.",
+    )
     optim.add_argument("--seed", type=int, default=0)
 
     out = parser.add_argument_group("outputs, checkpoints, logging")
@@ -223,8 +213,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--validation_steps", type=int, default=None)
     out.add_argument("--validation_classes", type=int, nargs="+", default=None, help="Default: up to 10 classes.")
     out.add_argument("--num_samples_per_class", type=int, default=8, help="Columns of the sample grids.")
-    out.add_argument("--guidance_scale", type=float, default=2.0, help="For validation and final samples.")
-    out.add_argument("--num_inference_steps", type=int, default=100, help="DDPM steps for the sample grids.")
+    out.add_argument(
+        "--sample_scheduler",
+        default=None,
+        choices=sorted(set(DDPM_FAMILIES) | set(FLOW_FAMILIES)),
+        help="Sampler of the sample grids and of the saved pipeline (ddpm, ddim, dpm; euler, heun for flow).",
+    )
+    out.add_argument(
+        "--guidance_scale", type=float, default=None, help="Grids, evaluation and the saved pipeline's default."
+    )
+    out.add_argument(
+        "--num_inference_steps", type=int, default=None, help="Grids, evaluation and the saved pipeline's default."
+    )
     out.add_argument("--eval_steps", type=int, default=None, help="FID of EMA samples every K steps (off).")
     out.add_argument("--eval_samples", type=int, default=None, help="Samples per evaluation (default 256).")
     out.add_argument(
@@ -241,14 +241,41 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--push_checkpoints", action="store_true", help="Also upload every checkpoint.")
 
     args = parser.parse_args(input_args)
-    defaults = DATASET_DEFAULTS if (args.dataset_name or args.train_data_dir) else DIGITS_DEFAULTS
-    if args.cache_latents and args.cache_images is None:
-        args.cache_images = False  # latents are cached instead
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    apply_recipe(args)
     validate_args(args)
     return args
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fill every flag left unset from the recipe (`--recipe`, or the one `auto` picks from the data)."""
+    has_data = bool(args.dataset_name or args.train_data_dir)
+    first = None
+    if args.recipe == "auto" and has_data and not args.vae:
+        first = first_image(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.image_column)
+    native = min(first.size) if first is not None else None
+    args.recipe_picked = args.recipe == "auto"
+    args.recipe = choose_recipe(args.recipe, has_data, bool(args.vae), args.resolution, native)
+    if args.cache_latents and args.cache_images is None:
+        args.cache_images = False  # latents are cached instead
+    scheduler_given = args.sample_scheduler is not None
+    for key, value in RECIPE_DEFAULTS[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.recipe == "small":
+        if args.resolution is None:
+            args.resolution = native
+        if args.image_channels is None:
+            args.image_channels = 1 if first is not None and first.mode in GRAYSCALE_MODES else 3
+        if args.patch_size is None and args.resolution is not None:
+            args.patch_size = small_patch_size(args.resolution)
+    families = FLOW_FAMILIES if args.objective == "flow" else DDPM_FAMILIES
+    if args.sample_scheduler not in families:
+        if scheduler_given:
+            raise ValueError(
+                f"--sample_scheduler {args.sample_scheduler} cannot sample a {args.objective} model; choose one of "
+                f"{list(families)}."
+            )
+        args.sample_scheduler = families[0]  # the recipe's sampler is for another objective than the one given
 
 
 def validate_args(args):
@@ -379,10 +406,34 @@ def log_image(accelerator, grid, step: int, name: str = "samples"):
             tracker.log({name: [wandb.Image(grid)]}, step=step)
 
 
-def make_pipeline(model, objective, vae, id2label) -> DiTPipeline:
+def make_pipeline(model, objective, vae, id2label, args) -> DiTPipeline:
     return DiTPipeline(
-        transformer=model, scheduler=make_scheduler(objective), vae=vae, id2label=id2label, objective=objective.name
+        transformer=model,
+        scheduler=make_scheduler(objective, args.sample_scheduler),
+        vae=vae,
+        id2label=id2label,
+        objective=objective.name,
     )
+
+
+def check_budget(args, accelerator, flops_per_sample: float, global_batch: int, num_samples: int) -> None:
+    """Warn when the run would take more than a day on this device; refuse when auto picked such a recipe on a CPU."""
+    steps = args.max_train_steps or (args.num_train_epochs or 1) * max(1, num_samples // global_batch)
+    device_flops = measure_matmul_flops(accelerator.device) * accelerator.num_processes
+    hours = estimate_hours(flops_per_sample, steps * global_batch, device_flops)
+    if hours <= 24:
+        return
+    message = (
+        f"The {args.recipe!r} recipe's {args.model} at {args.resolution} px for {steps} steps of "
+        f"{global_batch} would take about {format_duration(hours)} on {accelerator.num_processes} "
+        f"{accelerator.device.type.upper()} process(es)"
+    )
+    if accelerator.device.type == "cpu" and args.recipe_picked:
+        raise ValueError(
+            f"{message}. Use a GPU, or a smaller setting: e.g. --resolution 64 or less without --vae (the small-data "
+            "recipe), --model DiT-S/4, fewer --max_train_steps, or --recipe to choose one explicitly."
+        )
+    logger.warning("%s; lower --max_train_steps or the model size for a shorter run.", message)
 
 
 def build_objective(args, sample_shape: tuple[int, int, int]):
@@ -521,9 +572,19 @@ def main(args: argparse.Namespace) -> dict:
         vae = load_vae(args, torch.float32)
         latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         in_channels = vae.config.latent_channels
-    patch_size = args.patch_size or DIT_PRESETS[args.model]["patch_size"]
+    if args.resolution is None:
+        raise ValueError("No image of the data set could be read to take the resolution from: pass --resolution.")
+    preset = {**DIT_PRESETS, **RECIPE_PRESETS}[args.model]
+    patch_size = args.patch_size or preset["patch_size"]
     check_resolution(args.resolution, patch_size, latent_factor)
     sample_size = args.resolution // latent_factor
+    if token_warning(sample_size, patch_size):
+        logger.warning(token_warning(sample_size, patch_size))
+    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    flops_per_sample = dit_train_flops_per_sample(
+        args.hidden_size or preset["hidden_size"], args.depth or preset["depth"], (sample_size // patch_size) ** 2
+    )
+    check_budget(args, accelerator, flops_per_sample, global_batch, len(ds))
 
     transform = build_transform(
         args.resolution, args.center_crop, args.random_flip and not args.cache_latents, args.image_channels
@@ -600,7 +661,7 @@ def main(args: argparse.Namespace) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             projector = REPAProjector(model.config.hidden_size, encoder.hidden_size, args.repa_projector_dim)
-    ema = EMAModels(model, parse_ema_decays(args.ema_decay))
+    ema = EMAModels(model, parse_ema_decays(args.ema_decay), warmup=bool(args.ema_warmup))
     accelerator.register_for_checkpointing(ema)
 
     trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
@@ -667,7 +728,6 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("Resumed from %s at step %d.", path, state.global_step)
 
     setup_trackers(args, accelerator)
-    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     randomness = StepRandomness(
         args.seed,
         args.num_train_timesteps,
@@ -686,9 +746,6 @@ def main(args: argparse.Namespace) -> dict:
         # Plain linear layers (no FP8) for sampling and saving: the model a user loads from the saved folder.
         return strip_fp8(ema.averaged_model(unwrapped, index))
 
-    flops_per_sample = dit_train_flops_per_sample(
-        unwrapped.config.hidden_size, unwrapped.config.depth, (sample_size // patch_size) ** 2
-    )
     evaluator = {"extractor": None, "reference": None, "last": None}
     validation_classes = args.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -838,7 +895,7 @@ def main(args: argparse.Namespace) -> dict:
                 and state.global_step % args.validation_steps == 0
                 and accelerator.is_main_process
             ):
-                pipe = make_pipeline(ema_model(0), objective, vae, id2label)
+                pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
                 _, _, grid = sample_grid(
                     pipe, validation_classes, args.num_samples_per_class, args, accelerator.device
                 )
@@ -862,7 +919,7 @@ def main(args: argparse.Namespace) -> dict:
                         evaluator["reference"] = reference_stats(
                             reference, extractor, resolution=None if fixed else args.resolution
                         )
-                    pipe = make_pipeline(ema_model(0), objective, vae, id2label)
+                    pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
                     scores = evaluate_pipeline(
                         pipe, args, num_classes, accelerator.device, evaluator["extractor"], evaluator["reference"]
                     )
@@ -885,7 +942,7 @@ def main(args: argparse.Namespace) -> dict:
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
-        pipe = make_pipeline(ema_model(0), objective, vae, id2label)
+        pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
             ema_model(i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))

@@ -241,6 +241,29 @@ def run_sample_eval(args) -> str:
     return npz
 
 
+def add_make_glyphs_parser(subparsers):
+    p = subparsers.add_parser(
+        "make-glyphs", help="Write the offline glyphs data set (characters from matplotlib's fonts) as image folders."
+    )
+    p.add_argument("output_dir", help="A new folder: OUTPUT_DIR/train/<class>/*.png and OUTPUT_DIR/test/...")
+    p.add_argument("--resolution", type=int, default=28)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1: white on black; 3: colour on colour.")
+    p.add_argument("--num_train", type=int, default=4000)
+    p.add_argument("--num_test", type=int, default=1000)
+    p.set_defaults(func=run_make_glyphs)
+
+
+def run_make_glyphs(args) -> dict:
+    from .glyphs import make_glyphs_dataset
+
+    for name in ("num_train", "num_test"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive number of images, got {getattr(args, name)}.")
+    paths = make_glyphs_dataset(args.output_dir, args.resolution, args.channels, args.num_train, args.num_test)
+    print(f"wrote {args.num_train} training images to {paths['train']} and {args.num_test} to {paths['test']}")
+    return paths
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "convert":
@@ -253,6 +276,7 @@ def main(argv: list[str] | None = None):
     add_fid_stats_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_sample_eval_parser(subparsers)
+    add_make_glyphs_parser(subparsers)
     subparsers.add_parser("convert", help="Convert checkpoints (see `dit-hf convert --help`).")
     args = parser.parse_args(argv)
     try:

@@ -143,6 +143,41 @@ def load_image_dataset(
     return ds
 
 
+# PIL modes of one-channel images (the small-data recipe trains these with --image_channels 1).
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def first_image(
+    dataset_name: str | None,
+    train_data_dir: str | None,
+    dataset_config_name: str | None = None,
+    image_column: str | None = None,
+) -> Image.Image | None:
+    """The first image of the training data (sorted file order for a folder), to pick a recipe by; None if unreadable.
+
+    A folder is walked without building the dataset; a `datasets` source is loaded (and cached) as training will.
+    """
+    if train_data_dir is not None:
+        extensions = set(Image.registered_extensions())
+        for root, dirs, files in os.walk(train_data_dir):
+            dirs.sort()
+            for name in sorted(files):
+                if os.path.splitext(name)[1].lower() in extensions:
+                    try:
+                        with Image.open(os.path.join(root, name)) as image:
+                            image.load()
+                            return image
+                    except OSError:
+                        continue
+        return None
+    if dataset_name is None:
+        return None
+    ds = load_image_dataset(dataset_name, None, dataset_config_name)
+    column, _ = resolve_columns(ds, image_column, None)
+    image = ds[0][column]
+    return image if isinstance(image, Image.Image) else None
+
+
 def _column_summary(ds: datasets.Dataset) -> str:
     return ", ".join(f"{name!r} ({type(feature).__name__})" for name, feature in ds.features.items())
 

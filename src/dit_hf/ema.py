@@ -63,6 +63,10 @@ class EMAModels:
     Args:
         model (`nn.Module`): the unwrapped model; its current parameters start every average.
         decays (`str`, `float` or list): parsed by [`parse_ema_decays`].
+        warmup (`bool`, defaults to `False`): use `min(decay, (1 + n) / (10 + n))` at the n-th update (the warm-up
+            of TensorFlow's `ExponentialMovingAverage(num_updates=...)`). Without it, a decay of 0.999 still holds
+            37% of the initial, untrained weights after 1,000 updates; with it, 1% after 100 and 0.02% after 1,000,
+            which is what short runs on small data sets need.
 
     The averages stay float32 whatever the model's dtype (bf16 weights would lose the small `(1 - decay)` increments
     to rounding), on the device of each parameter (move them with [`~EMAModels.to`]). Persistent buffers are copied
@@ -70,8 +74,9 @@ class EMAModels:
     (they do not change, so their average is themselves).
     """
 
-    def __init__(self, model: nn.Module, decays: str | float | Sequence[float]):
+    def __init__(self, model: nn.Module, decays: str | float | Sequence[float], warmup: bool = False):
         self._decays = parse_ema_decays(decays)
+        self.warmup = warmup
         self._param_names = [name for name, _ in model.named_parameters()]
         persistent = model.state_dict(keep_vars=True).keys()
         self._buffer_names = [name for name, _ in model.named_buffers() if name in persistent]
@@ -90,6 +95,10 @@ class EMAModels:
     def num_updates(self) -> int:
         """How many times [`~EMAModels.update`] ran (restored by `load_state_dict`)."""
         return self._num_updates
+
+    def decay_at(self, decay: float, num_updates: int) -> float:
+        """The decay used by the update that follows `num_updates` earlier ones."""
+        return min(decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else decay
 
     def _check_model(self, model: nn.Module) -> list[torch.Tensor]:
         named = list(model.named_parameters())
@@ -121,7 +130,7 @@ class EMAModels:
             params = [p.detach().to(device=a.device, dtype=torch.float32) for p, a in zip(params, self._averages[0])]
             for decay, average in zip(self._decays, self._averages):
                 # lerp(ema, param, 1 - decay) = ema + (1 - decay) * (param - ema): fused, one kernel launch per rate.
-                torch._foreach_lerp_(average, params, 1.0 - decay)
+                torch._foreach_lerp_(average, params, 1.0 - self.decay_at(decay, self._num_updates))
         buffers = dict(model.named_buffers())
         for name, buffer in zip(self._buffer_names, self._buffers):
             buffer.copy_(buffers[name])
