@@ -413,6 +413,8 @@ def make_pipeline(model, objective, vae, id2label, args) -> DiTPipeline:
         vae=vae,
         id2label=id2label,
         objective=objective.name,
+        default_num_inference_steps=args.num_inference_steps,
+        default_guidance_scale=args.guidance_scale,
     )
 
 

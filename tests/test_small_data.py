@@ -6,7 +6,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchHeunDiscreteScheduler
 
+from dit_hf import DiTPipeline
 from dit_hf.ema import EMAModels
 from dit_hf.evaluation import ImageClassifier
 from dit_hf.glyphs import DEFAULT_CLASSES, font_paths, make_glyphs_dataset, render_glyphs
@@ -134,3 +136,41 @@ def test_ema_warmup_follows_the_schedule_and_is_off_by_default():
     warm.update(model)
     assert plain.averaged_model(model).weight[0, 0].item() == pytest.approx(0.001)
     assert warm.averaged_model(model).weight[0, 0].item() == pytest.approx(0.9)
+
+
+def test_saved_pipeline_samples_with_the_settings_the_run_validated_with(tmp_path):
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=32, num_test=10)
+    out = tmp_path / "out"
+    tiny = [
+        "--hidden_size",
+        "32",
+        "--depth",
+        "2",
+        "--num_heads",
+        "2",
+        "--train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+    ]
+    settings = ["--num_inference_steps", "3", "--guidance_scale", "1.5", "--sample_scheduler", "heun"]
+    train_dit.main(
+        train_dit.parse_args(
+            ["--train_data_dir", paths["train"], "--output_dir", str(out), "--max_train_steps", "2", *tiny, *settings]
+        )
+    )
+    pipe = DiTPipeline.from_pretrained(out)
+    assert (pipe.config.default_num_inference_steps, pipe.config.default_guidance_scale) == (3, 1.5)
+    assert isinstance(pipe.scheduler, FlowMatchHeunDiscreteScheduler)
+    default = pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="np").images
+    explicit = pipe(
+        [0, 1], num_inference_steps=3, guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+    other = pipe(
+        [0, 1],
+        num_inference_steps=50,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert np.array_equal(default, explicit) and not np.allclose(default, other)

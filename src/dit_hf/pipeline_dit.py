@@ -174,19 +174,36 @@ class DiTPipeline(DiffusionPipeline):
         objective (`str`, defaults to `"ddpm_eps"`): What the model predicts: `"ddpm_eps"` (ε, DiT), `"ddpm_v"`
             (v) or `"flow"` (the flow-matching velocity ε - x_0). Saved in model_index.json; folders saved
             without it are `"ddpm_eps"`.
+        default_num_inference_steps (`int`, *optional*): Steps of a call that gives none (else 50); the trainer
+            saves the steps it validated with.
+        default_guidance_scale (`float`, *optional*): Guidance of a call that gives none (else 4.0); likewise.
     """
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, transformer, scheduler, vae=None, id2label: dict | None = None, objective: str = "ddpm_eps"):
+    def __init__(
+        self,
+        transformer,
+        scheduler,
+        vae=None,
+        id2label: dict | None = None,
+        objective: str = "ddpm_eps",
+        default_num_inference_steps: int | None = None,
+        default_guidance_scale: float | None = None,
+    ):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"Unknown `objective` {objective!r}; choose one of {list(OBJECTIVES)}.")
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         # JSON turns int keys into strings: normalise so a reloaded pipeline compares equal.
         id2label = {int(k): str(v) for k, v in id2label.items()} if id2label else None
-        self.register_to_config(id2label=id2label, objective=objective)
+        self.register_to_config(
+            id2label=id2label,
+            objective=objective,
+            default_num_inference_steps=default_num_inference_steps,
+            default_guidance_scale=default_guidance_scale,
+        )
         self.labels = {}
         for class_id, names in (id2label or {}).items():
             for name in names.split(","):
@@ -256,8 +273,8 @@ class DiTPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: list[int] | list[str] | int | str | None = None,
-        guidance_scale: float = 4.0,
-        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -270,9 +287,11 @@ class DiTPipeline(DiffusionPipeline):
         Args:
             class_labels (`list[int]`, `list[str]`, `int` or `str`, *optional*): One image per entry. Names are
                 looked up in `id2label`. Must be `None` for an unconditional model.
-            guidance_scale (`float`, defaults to 4.0): Classifier-free guidance scale; 1.0 samples the conditional
+            guidance_scale (`float`, *optional*): Classifier-free guidance scale (default: the saved
+                `default_guidance_scale`, else 4.0); 1.0 samples the conditional
                 model alone (no unconditional pass).
-            num_inference_steps (`int`, defaults to 50): Denoising steps.
+            num_inference_steps (`int`, *optional*): Denoising steps (default: the saved
+                `default_num_inference_steps`, else 50).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): One generator, or one per image.
             latents (`torch.Tensor`, *optional*): Starting noise of shape `(batch, channels, height, width)`.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC floats in [0, 1]), `"pt"` (NCHW floats
@@ -291,6 +310,10 @@ class DiTPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        if guidance_scale is None:
+            guidance_scale = self.config.get("default_guidance_scale") or 4.0
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("default_num_inference_steps") or 50
         if guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0 (1.0 disables guidance), got {guidance_scale}.")
         if num_inference_steps < 1:
@@ -509,4 +532,7 @@ class DiTPipeline(DiffusionPipeline):
             components[name] = component_cls.from_pretrained(folder, subfolder=name, **load_kwargs)
         if id2label is None:
             id2label = index.get("id2label")
-        return cls(**components, id2label=id2label, objective=objective or index.get("objective", "ddpm_eps"))
+        defaults = {k: index.get(k) for k in ("default_num_inference_steps", "default_guidance_scale")}
+        return cls(
+            **components, id2label=id2label, objective=objective or index.get("objective", "ddpm_eps"), **defaults
+        )
