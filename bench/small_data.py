@@ -15,7 +15,8 @@ For each variant of the offline glyphs data set (28×28 grayscale, 32×32 RGB; `
 
 Results go to bench/results/small-data.json and .md, and the steps-to-quality figure to bench/results/small-data.png.
 
-    python bench/small_data.py                       # both variants (about 1 h on 2 CPU cores)
+    python bench/small_data.py                       # both variants, recipe and paper objective (about 2 h)
+    python bench/small_data.py --variants rgb32 --runs recipe    # one variant and run (merged into the results)
     python bench/small_data.py --variants gray28 --num_eval 300
     python bench/small_data.py eval OUT_DIR --data outputs/glyphs/gray28   # score one finished run
 """
@@ -152,14 +153,25 @@ def bench_variant(name: str, args) -> dict:
     print(f"{name}: judge {data['judge_accuracy']:.1%} on held-out real images", flush=True)
     scorer = Scorer(data, args.num_eval)
     result = {"variant": name, **spec, "judge_accuracy": data["judge_accuracy"], "real_fid": scorer.real_fid}
-    runs = {"recipe": ""} | ({"paper": PAPER_FLAGS} if args.paper else {})
-    for run, extra in runs.items():
+    runs = {
+        "recipe": "",
+        "paper": f"{PAPER_FLAGS} --max_train_steps {args.paper_steps}" if args.paper_steps else PAPER_FLAGS,
+    }
+    for run in args.runs:
+        extra = runs[run]
         out_dir = os.path.join(args.out_root, f"{name}-{run}")
         seconds = run_command(args.command or readme_command(), os.path.join(data_dir, "train"), out_dir, extra)
         final = scorer(DiTPipeline.from_pretrained(out_dir))
         print(f"{name} {run}: {seconds:.0f} s, default call {final}", flush=True)
         result[run] = {"wall_s": round(seconds, 1), "final": final, "steps": score_checkpoints(out_dir, scorer)}
     return result
+
+
+def load_results(path: str) -> list[dict]:
+    if not os.path.isfile(path + ".json"):
+        return []
+    with open(path + ".json") as f:
+        return json.load(f)
 
 
 def write_results(results: list[dict], path: str) -> None:
@@ -201,12 +213,17 @@ def main(argv=None):
     parser.add_argument("--data_root", default=os.path.join(ROOT, "outputs", "glyphs"))
     parser.add_argument("--out_root", default=os.path.join(ROOT, "outputs", "small-data"))
     parser.add_argument("--num_eval", type=int, default=300, help="Samples (and real images) per FID / accuracy.")
-    parser.add_argument("--paper", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--runs", nargs="+", default=["recipe", "paper"], choices=("recipe", "paper"))
+    parser.add_argument("--paper_steps", type=int, default=None, help="Train the paper-objective run this long.")
     parser.add_argument("--command", default=None, help="Instead of README's small-data command.")
     parser.add_argument("--results", default=os.path.join(RESULTS, "small-data"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    results = [bench_variant(name, args) for name in args.variants]
+    results = {r["variant"]: r for r in load_results(args.results)}
+    for name in args.variants:
+        new = bench_variant(name, args)
+        results[name] = {**results.get(name, {}), **new}  # runs measured earlier are kept
+    results = [results[name] for name in VARIANTS if name in results]
     write_results(results, args.results)
     print(open(args.results + ".md").read())
 

@@ -173,3 +173,11 @@ def test_repa_targets_are_cached_with_the_latents(tmp_path):
         assert torch.equal(batch["repa_features"][k], data.features[k, flip])
     assert 0 < sum(int(torch.equal(batch["repa_features"][k], data.features[k, 1])) for k in range(16)) < 16
     assert shard["features"][0].shape == REPAEncoder(encoder_path).feature_map(torch.zeros(1, 3, 16, 16))[0].shape
+
+
+def test_a_recipe_preset_trains_without_an_explicit_patch_size(tmp_path):
+    # The trainer used to look the patch size up among the paper's sizes only (KeyError for LightningDiT-*).
+    tiny = ["--model", "LightningDiT-B/2", "--hidden_size", "32", "--depth", "2", "--num_heads", "2"]
+    summary = run(tmp_path, *tiny, "--objective", "flow", "--max_train_steps", "1")
+    assert summary["steps"] == 1
+    assert DiTPipeline.from_pretrained(tmp_path).transformer.config.patch_size == 2
