@@ -179,7 +179,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
     optim.add_argument(
-        "--lr_scheduler", default="constant", choices=("constant", "constant_with_warmup", "cosine", "linear")
+        "--lr_scheduler", default=None, choices=("constant", "constant_with_warmup", "cosine", "linear")
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=None)
     optim.add_argument(
