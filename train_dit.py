@@ -250,7 +250,7 @@ def apply_recipe(args: argparse.Namespace) -> None:
     """Fill every flag left unset from the recipe (`--recipe`, or the one `auto` picks from the data)."""
     has_data = bool(args.dataset_name or args.train_data_dir)
     first = None
-    if args.recipe == "auto" and has_data and not args.vae:
+    if args.recipe in ("auto", "small") and has_data and not args.vae:
         first = first_image(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.image_column)
     native = min(first.size) if first is not None else None
     args.recipe_picked = args.recipe == "auto"
