@@ -46,7 +46,7 @@ from dit_hf.data import (
     resolve_columns,
     select_subset,
 )
-from dit_hf.ema import EMAModels, parse_ema_decays
+from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
@@ -58,6 +58,7 @@ from dit_hf.training import (
     TrainerState,
     atomic_checkpoint,
     check_checkpoint_config,
+    check_checkpoint_files,
     dit_train_flops_per_sample,
     make_adamw,
     num_update_steps,
@@ -600,8 +601,8 @@ def main(args: argparse.Namespace) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             projector = REPAProjector(model.config.hidden_size, encoder.hidden_size, args.repa_projector_dim)
+    # Checkpointed by save_ema / load_ema (safetensors + JSON), not through accelerate, which would pickle it.
     ema = EMAModels(model, parse_ema_decays(args.ema_decay))
-    accelerator.register_for_checkpointing(ema)
 
     trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = make_adamw(
@@ -649,7 +650,7 @@ def main(args: argparse.Namespace) -> dict:
         for _ in range(len(models)):
             m = accelerator.unwrap_model(models.pop())
             cls, subfolder = (DiTModel, "transformer") if isinstance(m, DiTModel) else (type(m), "repa_projector")
-            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder).state_dict())
+            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder, use_safetensors=True).state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -662,8 +663,10 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints_dir)
         else:
             check_checkpoint_config(path, dict(accelerator.unwrap_model(model).config))
+            check_checkpoint_files(path)  # before anything is unpickled
             accelerator.load_state(path)
             state = TrainerState.load(path)
+            load_ema(ema, path, num_updates=state.global_step - state.skipped_steps)
             logger.info("Resumed from %s at step %d.", path, state.global_step)
 
     setup_trackers(args, accelerator)
@@ -694,8 +697,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     def write_checkpoint_extras(directory):
-        for i, decay in enumerate(ema.decays):
-            ema_model(i).save_pretrained(os.path.join(directory, f"ema_{decay}"))
+        save_ema(ema, directory, ema_model)
         state.save(directory)
 
     logger.info(
