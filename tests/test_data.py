@@ -203,6 +203,19 @@ def test_label_checks(digits):
     check_labels(strings, None, None)  # unconditional: nothing to check
 
 
+def test_integer_labels_must_be_a_dense_range():
+    assert infer_num_classes(datasets.Dataset.from_dict({"y": [2, 0, 1, 1]}), "y") == 3
+    sparse = datasets.Dataset.from_dict({"y": [0, 1, 5, 1]})
+    with pytest.raises(ValueError, match=r"3 distinct labels, but its largest is 5: ids \[2, 3, 4\] never occur.*"
+                       r"Remap the labels to 0\.\.2.*or pass --num_classes 6"):  # fmt: skip
+        infer_num_classes(sparse, "y")
+    stray = datasets.Dataset.from_dict({"y": [0, 1, 2**62]})  # one stray value: refused without counting to it
+    with pytest.raises(ValueError, match=r"ids \[2, 3, 4, 5, 6, 7, 8, 9, 10, 11\] \.\.\. never occur"):
+        infer_num_classes(stray, "y")
+    # A ClassLabel defines its classes by name: ids absent from a subset are fine.
+    assert infer_num_classes(load_digits_dataset().select(range(3)), "label") == 10
+
+
 def test_load_image_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--train_data_dir .*missing.* is not a directory"):
         load_image_dataset(train_data_dir=str(tmp_path / "missing"))

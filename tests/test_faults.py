@@ -92,3 +92,21 @@ def test_resume_restores_the_ema_from_safetensors(trained, tmp_path):
         folder = os.path.join("checkpoints", "checkpoint-3", f"ema_{decay}", "diffusion_pytorch_model.safetensors")
         a, b = load_file(out / folder), load_file(tmp_path / "straight" / folder)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_grids_run_in_bounded_batches(tmp_path, monkeypatch):
+    """The final grid holds every class (10 digits here) but no forward sees more than --eval_batch_size images."""
+    from dit_hf import DiTModel
+
+    sampling_batches = []
+    forward = DiTModel.forward
+
+    def recording_forward(self, hidden_states, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            sampling_batches.append(hidden_states.shape[0])
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(DiTModel, "forward", recording_forward)
+    summary = run(tmp_path, "--max_train_steps", "1", "--eval_batch_size", "4", "--ema_decay", "0.9")
+    assert 0.0 <= summary["digits_accuracy"] <= 1.0  # judged on a grid of all 10 classes
+    assert sampling_batches and max(sampling_batches) == 8  # 4 images and their unconditional copies

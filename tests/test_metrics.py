@@ -13,6 +13,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gen, make_pipe, tiny_dit
 
 from dit_hf import metrics
 from dit_hf.cli import main
@@ -21,6 +22,7 @@ from dit_hf.evaluation import (
     digits_probabilities,
     fit_digits_probability_classifier,
     images_to_digit_features,
+    sample_in_batches,
 )
 from dit_hf.metrics import (
     FeatureStats,
@@ -562,3 +564,30 @@ def test_image_source_from_memory_hashes_pixels():
     changed[0, 0, 0, 0] ^= 1
     assert ImageSource.from_images(images).identity == ImageSource.from_images(images.copy()).identity
     assert ImageSource.from_images(images).identity != ImageSource.from_images(changed).identity
+
+
+def forward_batch_sizes(pipe) -> list[int]:
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_sample_in_batches_bounds_each_forward_and_keeps_the_order():
+    pipe = make_pipe()
+    seen = forward_batch_sizes(pipe)
+    labels = [0, 1, 2, 0, 1]
+    kwargs = dict(guidance_scale=2.0, num_inference_steps=2, output_type="np")
+    images = sample_in_batches(pipe, labels, batch_size=2, generator=gen(0), **kwargs)
+    assert images.shape == (5, 8, 8, 3)
+    assert max(seen) == 4 and len(seen) == 3 * 2  # 2 images and their unconditional copies; 3 calls of 2 steps
+    # The same as calling the pipeline on each chunk in turn with one generator.
+    generator = gen(0)
+    chunks = [pipe(class_labels=labels[i : i + 2], generator=generator, **kwargs).images for i in (0, 2, 4)]
+    np.testing.assert_array_equal(images, np.concatenate(chunks))
+
+    unconditional = make_pipe(tiny_dit(num_classes=0))
+    seen = forward_batch_sizes(unconditional)
+    pil = sample_in_batches(unconditional, num_images=5, batch_size=3, num_inference_steps=2, generator=gen(0))
+    assert len(pil) == 5 and all(isinstance(image, PIL.Image.Image) for image in pil) and max(seen) == 3
+    with pytest.raises(ValueError, match="`num_images` for an unconditional"):
+        sample_in_batches(unconditional, batch_size=3)

@@ -15,6 +15,7 @@ The trainer calls these in this order, each one mapping onto its command-line op
 """
 
 import io
+import itertools
 import os
 
 import datasets
@@ -280,7 +281,23 @@ def class_names(ds: datasets.Dataset, label_column: str | None) -> list[str] | N
 
 
 def infer_num_classes(ds: datasets.Dataset, label_column: str | None) -> int | None:
-    """The number of classes: `ClassLabel.num_classes`, or largest integer label + 1; `None` when unconditional."""
+    """The number of classes: `ClassLabel.num_classes`, or largest integer label + 1; `None` when unconditional.
+
+    Plain integer labels must form a dense range 0..K-1: a gap (or one stray huge value) would otherwise build a
+    model with an embedding row, and a row of sample grids, for every id up to the largest. ValueError with the fix.
+    """
+    if label_column is not None and not isinstance(ds.features[label_column], datasets.ClassLabel):
+        present = {v for v in _integer_labels(ds, label_column) if v is not None and v >= 0}
+        largest = max(present, default=-1)
+        if len(present) <= largest:  # a gap below the largest id; checked before any per-id list is built
+            missing = list(itertools.islice((i for i in range(largest) if i not in present), 11))
+            raise ValueError(
+                f"--label_column {label_column!r} has {len(present)} distinct labels, but its largest is {largest}: "
+                f"ids {missing[:10]}{' ...' if len(missing) > 10 else ''} never occur, and the model would get "
+                f"{largest + 1} classes. Remap the labels to 0..{len(present) - 1} (e.g. "
+                f"`ds.class_encode_column({label_column!r})`, which also keeps their names), or pass "
+                f"--num_classes {largest + 1} if the missing ids are real classes absent from this data."
+            )
     names = class_names(ds, label_column)
     return None if names is None else len(names)
 
