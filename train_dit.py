@@ -52,7 +52,7 @@ from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
-from dit_hf.pipeline_dit import image_grid
+from dit_hf.pipeline_dit import check_guidance_scale, image_grid
 from dit_hf.training import (
     EpochSampler,
     StepRandomness,
@@ -280,6 +280,7 @@ def validate_args(args):
     if args.report_to == "none":
         args.report_to = None
     parse_ema_decays(args.ema_decay)  # raises with the fix on a bad spec
+    check_guidance_scale(args.guidance_scale)  # NaN / inf would only show as black grids after training
     if args.learn_sigma is None:
         args.learn_sigma = args.objective != "flow"
     if args.objective == "flow" and args.learn_sigma:

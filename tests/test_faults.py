@@ -110,3 +110,11 @@ def test_sample_grids_run_in_bounded_batches(tmp_path, monkeypatch):
     summary = run(tmp_path, "--max_train_steps", "1", "--eval_batch_size", "4", "--ema_decay", "0.9")
     assert 0.0 <= summary["digits_accuracy"] <= 1.0  # judged on a grid of all 10 classes
     assert sampling_batches and max(sampling_batches) == 8  # 4 images and their unconditional copies
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf"])
+def test_trainer_refuses_a_non_finite_guidance_scale_up_front(tmp_path, scale):
+    import train_dit
+
+    with pytest.raises(ValueError, match=f"`guidance_scale` must be a finite number >= 0, got {scale}"):
+        train_dit.parse_args(["--output_dir", str(tmp_path), "--guidance_scale", scale])
