@@ -3,6 +3,7 @@
 dit-hf sample PIPELINE_DIR --labels 0 1 2 3 --guidance_scale 4 --steps 50 --out grid.png
 dit-hf sample PIPELINE_DIR --labels "golden retriever" tabby --scheduler dpm --steps 20
 dit-hf convert from-original DiT-XL-2-256x256.pt out/dit-xl-2    (see `dit-hf convert --help`)
+dit-hf plot outputs/dit                                          (redraw outputs/dit/plots/*.png)
 """
 
 import argparse
@@ -294,6 +295,21 @@ def run_sample_eval(args) -> str:
     return npz
 
 
+def add_plot_parser(subparsers):
+    p = subparsers.add_parser("plot", help="Redraw a training run's plots/*.png from its metrics.jsonl.")
+    p.add_argument("output_dir", help="The --output_dir of train_dit.py (holds metrics.jsonl).")
+    p.set_defaults(func=run_plot)
+
+
+def run_plot(args) -> list[str]:
+    from .plots import write_plots
+
+    written = write_plots(args.output_dir)
+    for path in written:
+        print(path)
+    return written
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "convert":
@@ -306,6 +322,7 @@ def main(argv: list[str] | None = None):
     add_fid_stats_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_sample_eval_parser(subparsers)
+    add_plot_parser(subparsers)
     subparsers.add_parser("convert", help="Convert checkpoints (see `dit-hf convert --help`).")
     args = parser.parse_args(argv)
     try:
