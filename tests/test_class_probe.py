@@ -350,3 +350,7 @@ def test_cli_evaluate_reports_class_accuracy(tmp_path, scripted_network, capsys,
     assert result["class_accuracy"] is None
     assert "class_accuracy           unavailable: " in capsys.readouterr().out
     assert "has no class subfolders" in result["unavailable"]["class_accuracy"]
+    main(["fid-stats", str(tmp_path / "real"), "--out", str(tmp_path / "stats.npz"), *common[:-2]])
+    result = main(["evaluate", str(tmp_path / "samples.npz"), str(tmp_path / "stats.npz"), *common])
+    assert result["class_accuracy"] is None and result["fid"] > 0
+    assert "holds statistics, not labelled images" in result["unavailable"]["class_accuracy"]

@@ -206,10 +206,8 @@ def _sample_labels(path: str):
 def _class_probe(args, extractor, reference):
     """`(probe, None)` for a labelled reference, else `(None, why not)`."""
     from .class_probe import fit_class_probe
-    from .metrics import NoLabelsError, npz_members
+    from .metrics import NoLabelsError
 
-    if os.path.isfile(args.reference) and "arr_0" not in npz_members(args.reference):
-        return None, "the reference is a statistics file; pass the labelled real images to judge samples by class"
     try:
         probe = fit_class_probe(
             args.reference,

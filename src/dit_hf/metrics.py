@@ -803,6 +803,10 @@ def open_labelled_source(
             raise ValueError(f"{spec!r} changed while it was read; run again once it stays the same.")
         return LabelledImages(source, labels, names)
     if os.path.isfile(spec):
+        if spec.endswith(".npz") and "arr_0" not in npz_members(spec):
+            raise NoLabelsError(
+                f"{spec!r} holds statistics, not labelled images; pass the real images to judge samples by class."
+            )
         source = open_image_source(spec, resolution)
         return LabelledImages(source, _npz_labels(spec, source.num_images))
     ds = _load_dataset(spec, split)
