@@ -462,36 +462,68 @@ def eval_reference(args) -> str:
     return args.train_data_dir or args.dataset_name or "digits"
 
 
-def evaluate_pipeline(pipe, args, num_classes: int, device, extractor, reference) -> dict:
-    """FID (and, on digits, class accuracy) of `args.eval_samples` class-balanced samples; same seed every time."""
+def evaluate_pipeline(pipe, args, num_classes: int, device, evaluator: dict) -> dict:
+    """FID, precision/recall and class consistency (the probe of the real images; on digits also the digits SVM) of
+    `args.eval_samples` class-balanced samples; same seed every time."""
     import numpy as np
 
+    from dit_hf.evaluation import sample_in_batches
     from dit_hf.metrics import evaluate_samples
 
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
     labels = [i % num_classes for i in range(args.eval_samples)] if num_classes else None
-    images = []
-    for start in range(0, args.eval_samples, args.eval_batch_size):
-        n = min(args.eval_batch_size, args.eval_samples - start)
-        out = pipe(
-            class_labels=labels[start : start + n] if labels else None,
-            num_images=None if labels else n,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-            output_type="np",
-        ).images
-        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
-    images = np.concatenate(images)
-    result = evaluate_samples(images, reference, extractor=extractor, resolution=args.resolution)
-    metrics = {"fid": result["fid"], "precision": result["precision"], "recall": result["recall"]}
+    call = dict(batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, generator=generator)
+    if labels:
+        images = sample_in_batches(pipe, labels, guidance_scale=args.guidance_scale, output_type="np", **call)
+    else:
+        images = sample_in_batches(pipe, num_images=args.eval_samples, output_type="np", **call)
+    images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+    probe = evaluator["probe"] if labels else None
+    result = evaluate_samples(
+        images, evaluator["reference"], extractor=evaluator["extractor"], labels=labels, class_probe=probe
+    )
+    metrics = {k: result[k] for k in ("fid", "precision", "recall")}
+    if probe is not None:
+        metrics["class_accuracy"] = result["class_accuracy"]
+        metrics["probe_held_out_accuracy"] = result["probe_held_out_accuracy"]
     if eval_reference(args) == "digits" and labels is not None:
         from dit_hf.evaluation import digits_accuracy
 
         metrics["digits_accuracy"] = digits_accuracy(images, labels)
     return metrics
+
+
+def refresh_plots(output_dir: str, clock: dict, force: bool = False, every_s: float = 30.0) -> None:
+    """Redraw plots/*.png from metrics.jsonl: at evaluations and the end, else at most every `every_s` seconds (a
+    redraw costs about 50 ms per changed figure, which at every log step would slow a small CPU run by a tenth)."""
+    from dit_hf.plots import write_plots
+
+    now = time.monotonic()
+    if force or now - clock.get("last", -math.inf) >= every_s:
+        write_plots(output_dir)
+        clock["last"] = now
+
+
+def load_evaluator(args, device, labelled: bool) -> dict:
+    """The Inception network, the reference statistics and (for labelled data) the class probe, each computed once
+    and cached on disk (keyed by the data and the network): later runs reuse them."""
+    from dit_hf.class_probe import fit_class_probe
+    from dit_hf.metrics import InceptionExtractor, NoLabelsError, reference_stats
+
+    extractor = InceptionExtractor(path=args.inception, device=device)
+    reference = eval_reference(args)
+    # Real images are cropped and resized like the training data; digits and .npz are as stored.
+    resolution = None if reference == "digits" or reference.endswith(".npz") else args.resolution
+    stats = reference_stats(reference, extractor, resolution=resolution)
+    probe = None
+    if labelled:
+        try:
+            probe = fit_class_probe(reference, extractor, resolution=resolution, features=stats)
+        except NoLabelsError as err:
+            logger.warning("No class-consistency probe: %s", err)
+    return {"extractor": extractor, "reference": stats, "probe": probe, "last": None}
 
 
 def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, seed: int = 0):
@@ -753,9 +785,10 @@ def main(args: argparse.Namespace) -> dict:
         # Plain linear layers (no FP8) for sampling and saving: the model a user loads from the saved folder.
         return strip_fp8(ema.averaged_model(unwrapped, index))
 
-    evaluator = {"extractor": None, "reference": None, "last": None}
+    evaluator = {"extractor": None, "reference": None, "probe": None, "last": None}
     validation_classes = args.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    plot_clock = {}
 
     def write_checkpoint_extras(directory):
         save_ema(ema, directory, ema_model)
@@ -882,6 +915,7 @@ def main(args: argparse.Namespace) -> dict:
                 if accelerator.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                    refresh_plots(args.output_dir, plot_clock)
                 window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
                 sums.zero_()
                 quartiles.zero_()
@@ -914,27 +948,16 @@ def main(args: argparse.Namespace) -> dict:
             ):
                 if accelerator.is_main_process:
                     if evaluator["extractor"] is None:
-                        from dit_hf.metrics import InceptionExtractor, reference_stats
-
-                        extractor = InceptionExtractor(path=args.inception, device=accelerator.device)
-                        evaluator["extractor"] = extractor
-                        # Computed once and cached on disk (keyed by the data and the network): later runs reuse it.
-                        reference = eval_reference(args)
-                        # Real images are cropped and resized like the training data; digits and .npz are as stored.
-                        fixed = reference == "digits" or reference.endswith(".npz")
-                        evaluator["reference"] = reference_stats(
-                            reference, extractor, resolution=None if fixed else args.resolution
-                        )
+                        evaluator.update(load_evaluator(args, accelerator.device, labelled=num_classes > 0))
                     pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
-                    scores = evaluate_pipeline(
-                        pipe, args, num_classes, accelerator.device, evaluator["extractor"], evaluator["reference"]
-                    )
+                    scores = evaluate_pipeline(pipe, args, num_classes, accelerator.device, evaluator)
                     evaluator["last"] = {"step": state.global_step, **scores}
                     logger.info("Evaluation at step %d: %s", state.global_step, scores)
                     accelerator.log({f"eval/{k}": v for k, v in scores.items() if v is not None}, state.global_step)
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": state.global_step, **{f"eval/{k}": v for k, v in scores.items()}}))
                         f.write("\n")
+                    refresh_plots(args.output_dir, plot_clock, force=True)
                 accelerator.wait_for_everyone()
 
             if state.global_step >= args.max_train_steps:
@@ -948,6 +971,7 @@ def main(args: argparse.Namespace) -> dict:
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
+        refresh_plots(args.output_dir, plot_clock, force=True)
         pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
