@@ -419,3 +419,21 @@ def test_a_failed_push_masks_the_token_read_from_the_environment(tmp_path, monke
     message = caplog.records[-1].getMessage()
     assert "all local outputs are kept" in message and "http://127.0.0.1:9/***" in message
     assert TOKEN not in message
+
+
+def test_from_pretrained_of_a_hub_repo_takes_diffusers_arguments(tmp_path, hub, saved_pipeline, monkeypatch):
+    # Hub repo ids go through diffusers' own `download`, which must not take the repo's pipeline_dit.py for remote
+    # code when dit_hf is installed; its loading arguments (here a per-component dtype) apply as to a folder.
+    assert safe_push(saved_pipeline, REPO, token=TOKEN, endpoint=hub.url)
+    # diffusers passes no endpoint: point huggingface_hub's defaults at the fake hub (these are read at import).
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)
+    cache = tmp_path / "cache"
+    pipe = DiTPipeline.from_pretrained(REPO, token=TOKEN, cache_dir=cache, dtype={"transformer": torch.float64})
+    assert type(pipe) is DiTPipeline and type(pipe.transformer).__module__ == "dit_hf.modeling_dit"
+    assert pipe.transformer.dtype == torch.float64
+    kwargs = dict(class_labels=[1, 2], num_inference_steps=2, output_type="latent")
+    expected = DiTPipeline.from_pretrained(saved_pipeline, dtype=torch.float64)(generator=gen(0), **kwargs).images
+    torch.testing.assert_close(pipe(generator=gen(0), **kwargs).images, expected, atol=0, rtol=0)

@@ -396,8 +396,6 @@ def test_save_and_load_round_trip(pipe, tmp_path):
 
     ddim = DiTPipeline.from_pretrained(tmp_path, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
     assert isinstance(ddim.scheduler, DDIMScheduler)
-    with pytest.raises(ValueError, match="low_cpu_mem_usage"):
-        DiTPipeline.from_pretrained(tmp_path, low_cpu_mem_usage=True)
 
 
 REMOTE_SCRIPT = """
