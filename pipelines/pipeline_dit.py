@@ -170,8 +170,8 @@ def check_sampling_defaults(num_inference_steps: int | None, guidance_scale: flo
             raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-    if guidance_scale is not None and guidance_scale < 0:
-        raise ValueError(f"`guidance_scale` must be >= 0 (1.0 disables guidance), got {guidance_scale}.")
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
 
 
 def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> None:
@@ -379,7 +379,6 @@ class DiTPipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         check_sampling_defaults(num_inference_steps, guidance_scale)
         num_inference_steps, guidance_scale = self._sampling_settings(num_inference_steps, guidance_scale)
-        check_guidance_scale(guidance_scale)
         check_guidance_interval(guidance_interval)
 
         conditional = self.num_classes > 0
