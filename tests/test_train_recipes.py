@@ -94,8 +94,13 @@ def test_eval_steps_log_fid_and_accuracy(tmp_path, monkeypatch):
     for row in evals:
         assert row["eval/fid"] > 0 and 0 <= row["eval/digits_accuracy"] <= 1
         assert 0 <= row["eval/precision"] <= 1 and 0 <= row["eval/recall"] <= 1
+        # The class probe of the real digits (on the stand-in network's features) scores the samples by class.
+        assert 0 <= row["eval/class_accuracy"] <= 1 and row["eval/probe_held_out_accuracy"] > 0.3
     assert summary["eval"]["step"] == 3 and summary["eval"]["fid"] == evals[-1]["eval/fid"]
-    assert len(list((tmp_path / "hf" / "dit_hf" / "fid").glob("*.npz"))) == 1  # reference statistics cached
+    cached = sorted(p.name for p in (tmp_path / "hf" / "dit_hf" / "fid").glob("*.npz"))
+    assert len(cached) == 2 and sum(name.startswith("probe-") for name in cached) == 1  # statistics and probe
+    # The plots were redrawn with the evaluations: FID over steps is there, readable without wandb.
+    assert {"loss.png", "lr.png", "eval_fid.png"} <= {p.name for p in (out / "plots").iterdir()}
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Sample quality measures that run offline."""
+"""Sample quality measures that run offline, and sampling many images in bounded batches."""
 
 import math
 
@@ -187,3 +187,33 @@ class ImageClassifier:
         if len(images) == 0:
             raise ValueError("No images to classify.")
         return float(np.mean(self.predict(images) == np.asarray(labels)))
+
+
+def sample_in_batches(
+    pipe, class_labels: list | None = None, num_images: int | None = None, batch_size: int = 64, **call_kwargs
+) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+    """Run `pipe` on at most `batch_size` images per call: `class_labels` (one image each), or `num_images` from
+    an unconditional model. `call_kwargs` (generator, guidance, steps, output_type...) go to every call; one
+    generator is carried through them, so the result is fixed by its seed and `batch_size`.
+
+    Memory stays bounded by `batch_size` whatever the number of images: a grid of every ImageNet class × 8 samples
+    would otherwise push 16,000 images (8,000 with their unconditional copies) through one forward.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
+    total = len(class_labels) if class_labels is not None else num_images
+    if total is None:
+        raise ValueError("Pass `class_labels` for a class-conditional model or `num_images` for an unconditional one.")
+    chunks = []
+    for start in range(0, total, batch_size):
+        n = min(batch_size, total - start)
+        if class_labels is not None:
+            out = pipe(class_labels=list(class_labels[start : start + n]), **call_kwargs)
+        else:
+            out = pipe(num_images=n, **call_kwargs)
+        chunks.append(out.images)
+    if isinstance(chunks[0], list):
+        return [image for chunk in chunks for image in chunk]
+    if isinstance(chunks[0], np.ndarray):
+        return np.concatenate(chunks)
+    return torch.cat(chunks)

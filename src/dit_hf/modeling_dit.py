@@ -13,6 +13,7 @@ follow LightningDiT's (``attn.q_norm``, ``attn.k_norm``, ``mlp.w12``, ``mlp.w3``
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -191,9 +192,12 @@ class TimestepEmbedder(nn.Module):
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`dtype` is the dtype the model computes in (its input's); the weights' own dtype when not given. They
+        differ under diffusers' layerwise casting, which stores the weights in e.g. float16 or float8 and upcasts them
+        only inside each layer's forward."""
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size, self.freq_shift)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(t_freq.to(dtype or self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -494,6 +498,27 @@ class DiTModel(ModelMixin, ConfigMixin):
             raise ValueError(f"Unknown DiT preset {name!r}; choose one of {sorted(presets)}.")
         return cls(**{**presets[name], **overrides})
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """[`ModelMixin.from_pretrained`] that refuses weights files lacking some of the model's parameters.
+
+        diffusers only warns about missing weights and leaves them uninitialised (on the meta device with the
+        default low-memory loading), so the model fails later with an error that names neither cause nor file.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(info["missing_keys"])
+        if missing:
+            where = str(pretrained_model_name_or_path)
+            if kwargs.get("subfolder"):
+                where = os.path.join(where, kwargs["subfolder"])
+            raise ValueError(
+                f"The weights in {where!r} lack {len(missing)} of {cls.__name__}'s parameters ({missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}): the weights file is incomplete, or belongs to another "
+                "configuration than its config.json. Save the model again, or load a complete folder."
+            )
+        return (model, info) if output_loading_info else model
+
     def initialize_weights(self):
         # Transformer layers: Xavier-uniform weights, zero biases (as in ViT).
         def _basic_init(module):
@@ -565,10 +590,15 @@ class DiTModel(ModelMixin, ConfigMixin):
         return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
 
     def embed_condition(
-        self, timestep: torch.Tensor, class_labels: torch.Tensor | None, force_drop_ids: torch.Tensor | None = None
+        self,
+        timestep: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        force_drop_ids: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Conditioning vector c = t_emb + y_emb, computed once per forward and shared by every trunk block."""
-        c = self.t_embedder(timestep)  # (N, D)
+        """Conditioning vector c = t_emb + y_emb, computed once per forward and shared by every trunk block; `dtype`
+        is the computation dtype (see `TimestepEmbedder.forward`)."""
+        c = self.t_embedder(timestep, dtype)  # (N, D)
         if self.y_embedder is not None:
             if class_labels is None:
                 raise ValueError(
@@ -617,11 +647,11 @@ class DiTModel(ModelMixin, ConfigMixin):
 
         pos = self.position_embedding(grid_h, grid_w).to(hidden_states.dtype)
         x = self.x_embedder(hidden_states) + pos  # (N, T, D), where T = H * W / patch_size ** 2
-        c = self.embed_condition(timestep, class_labels, force_drop_ids).to(x.dtype)  # (N, D)
+        c = self.embed_condition(timestep, class_labels, force_drop_ids, x.dtype).to(x.dtype)  # (N, D)
         x = self.run_blocks(self.blocks, x, c, self.rotary_embedding(grid_h, grid_w, x.device))
         if self.head_blocks:
             # DDT head: per-token condition from the trunk's tokens and t, applied to a fresh embedding of the input.
-            t_emb = self.t_embedder(timestep).to(x.dtype)  # (N, D)
+            t_emb = self.t_embedder(timestep, x.dtype).to(x.dtype)  # (N, D)
             c = self.head_cond_proj(F.silu(x + t_emb.unsqueeze(1)))  # (N, T, D_head)
             x = self.head_x_embedder(hidden_states)  # (N, T, D_head)
             x = self.run_blocks(self.head_blocks, x, c, self.rotary_embedding(grid_h, grid_w, x.device, head=True))

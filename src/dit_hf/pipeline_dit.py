@@ -9,6 +9,8 @@ trust_remote_code=True)` can run it where dit_hf is not installed.
 import importlib
 import inspect
 import json
+import math
+import numbers
 import os
 import shutil
 
@@ -17,6 +19,7 @@ import PIL.Image
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMParallelScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -25,7 +28,7 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import create_repo, snapshot_download
+from huggingface_hub import create_repo
 
 # How the custom code is named inside a saved folder (model_index.json refers to these module names).
 PIPELINE_MODULE = "pipeline_dit"
@@ -37,6 +40,11 @@ DDPM_PREDICTION_TYPES = {"ddpm_eps": "epsilon", "ddpm_v": "v_prediction"}
 # Scheduler families by name, for `make_matching_scheduler`.
 DDPM_FAMILIES = ("ddpm", "ddim", "dpm")
 FLOW_FAMILIES = ("euler", "heun")
+# Sampling settings when neither the call nor the saved pipeline (`default_*` config entries) gives them.
+NUM_INFERENCE_STEPS = 50
+GUIDANCE_SCALE = 4.0
+# Schedulers whose `step` takes [prediction, variance] and uses a learned variance (variance_type "learned[_range]").
+LEARNED_VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
 
 
 def uses_flow_sigmas(scheduler: SchedulerMixin) -> bool:
@@ -132,6 +140,40 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
     return DPMSolverMultistepScheduler.from_config(config, prediction_type=prediction_type, variance_type=None)
 
 
+def check_guidance_scale(guidance_scale: float) -> None:
+    """`guidance_scale` is a finite number >= 0 (1.0 disables guidance); NaN or inf would give black images."""
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(
+            f"`guidance_scale` must be a finite number >= 0, got {guidance_scale} (1.0 disables guidance)."
+        )
+
+
+def flatten_labels(labels) -> list:
+    """Class labels as a flat list: one label, a list, a nested list (`[[1], [1]]`, a batch of one-label lists, as
+    diffusers' batch tests pass them) or a tensor / array of any shape, flattened like diffusers' DiTPipeline does."""
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        return labels.reshape(-1).tolist()
+    if isinstance(labels, (list, tuple)):
+        return [label for item in labels for label in flatten_labels(item)]
+    return [labels]
+
+
+def step_kwargs(scheduler: SchedulerMixin, generator) -> dict:
+    """`generator=` for the schedulers whose `step` draws noise and takes one; PNDM, LMS, Heun, DEIS, ... have none."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def check_sampling_defaults(num_inference_steps: int | None, guidance_scale: float | None) -> None:
+    """Steps >= 1 and a guidance scale >= 0 (or None), for the call and the saved `default_*` config entries."""
+    if num_inference_steps is not None:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
+
+
 def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> None:
     """`guidance_interval` is None or (low, high) noise levels `t / num_train_timesteps` with 0 <= low <= high <= 1."""
     if guidance_interval is None:
@@ -157,6 +199,23 @@ def image_grid(images: list[PIL.Image.Image], cols: int) -> PIL.Image.Image:
     return grid
 
 
+def _whole_class_id(item) -> int:
+    """`item` as a class id: an int (Python, numpy or a one-element tensor) or a whole float; 1.5 or True refused."""
+    if isinstance(item, (bool, np.bool_)):
+        raise ValueError(f"Class id {item!r} is a boolean; pass integer class ids or class names.")
+    if isinstance(item, torch.Tensor) and item.numel() == 1:
+        item = item.item()
+    if isinstance(item, (int, np.integer)):
+        return int(item)
+    try:
+        value = float(item)
+    except (TypeError, ValueError):
+        raise ValueError(f"Class id {item!r} is not a number; pass integer class ids or class names.") from None
+    if not value.is_integer():  # also NaN and inf
+        raise ValueError(f"Class id {item!r} is not a whole number; pass integer class ids or class names.")
+    return int(value)
+
+
 class DiTPipeline(DiffusionPipeline):
     r"""
     Sample images of given classes from a [`DiTModel`], with classifier-free guidance.
@@ -174,9 +233,16 @@ class DiTPipeline(DiffusionPipeline):
         objective (`str`, defaults to `"ddpm_eps"`): What the model predicts: `"ddpm_eps"` (ε, DiT), `"ddpm_v"`
             (v) or `"flow"` (the flow-matching velocity ε - x_0). Saved in model_index.json; folders saved
             without it are `"ddpm_eps"`.
-        default_num_inference_steps (`int`, *optional*): Steps of a call that gives none (else 50); the trainer
-            saves the steps it validated with.
-        default_guidance_scale (`float`, *optional*): Guidance of a call that gives none (else 4.0); likewise.
+        default_num_inference_steps (`int`, *optional*): Steps of a call that gives no `num_inference_steps`
+            (e.g. the setting the model was validated with); 50 if None. Saved in model_index.json.
+        default_guidance_scale (`float`, *optional*): Guidance scale of a call that gives no `guidance_scale`; 4.0
+            if None. Saved in model_index.json.
+
+    Loading: `DiTPipeline.from_pretrained(folder_or_repo_id, ...)` is diffusers' loader with all its arguments
+    (`dtype`, also per component, `variant`, `device_map`, `low_cpu_mem_usage`, `use_safetensors`, components to
+    replace such as `scheduler=...`, ...); it loads dit_hf's installed classes. Without dit_hf, the same folder loads
+    with `DiffusionPipeline.from_pretrained(folder_or_repo_id, trust_remote_code=True, ...)` from its own copy of
+    the code.
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -195,6 +261,7 @@ class DiTPipeline(DiffusionPipeline):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"Unknown `objective` {objective!r}; choose one of {list(OBJECTIVES)}.")
+        check_sampling_defaults(default_num_inference_steps, default_guidance_scale)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         # JSON turns int keys into strings: normalise so a reloaded pipeline compares equal.
         id2label = {int(k): str(v) for k, v in id2label.items()} if id2label else None
@@ -216,17 +283,17 @@ class DiTPipeline(DiffusionPipeline):
         )
 
     def get_label_ids(self, label: str | int | list[str | int]) -> list[int]:
-        """Map class names (or ids) to class ids, e.g. `pipe.get_label_ids(["golden retriever", "tabby"])`."""
-        labels = label if isinstance(label, (list, tuple)) else [label]
+        """Map class names (or ids) to class ids, e.g. `pipe.get_label_ids(["golden retriever", "tabby"])`; nested
+        lists and tensors are flattened (see `flatten_labels`)."""
         ids = []
-        for item in labels:
+        for item in flatten_labels(label):
             if isinstance(item, str):
                 if item not in self.labels:
                     valid = sorted(self.labels) if self.labels else "none (this pipeline has no `id2label`)"
                     raise ValueError(f"Unknown class name {item!r}. Valid names: {valid}.")
                 ids.append(self.labels[item])
             else:
-                class_id = int(item)
+                class_id = _whole_class_id(item)
                 if not 0 <= class_id < self.num_classes:
                     raise ValueError(f"Class id {class_id} is out of range: valid ids are 0..{self.num_classes - 1}.")
                 ids.append(class_id)
@@ -247,7 +314,7 @@ class DiTPipeline(DiffusionPipeline):
 
     def _uses_learned_variance(self) -> bool:
         """Whether the scheduler consumes the variance channels (DDPM with learned or learned_range variance)."""
-        return isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type in (
+        return isinstance(self.scheduler, LEARNED_VARIANCE_SCHEDULERS) and self.scheduler.config.variance_type in (
             "learned",
             "learned_range",
         )
@@ -286,12 +353,12 @@ class DiTPipeline(DiffusionPipeline):
         r"""
         Args:
             class_labels (`list[int]`, `list[str]`, `int` or `str`, *optional*): One image per entry. Names are
-                looked up in `id2label`. Must be `None` for an unconditional model.
-            guidance_scale (`float`, *optional*): Classifier-free guidance scale (default: the saved
-                `default_guidance_scale`, else 4.0); 1.0 samples the conditional
-                model alone (no unconditional pass).
-            num_inference_steps (`int`, *optional*): Denoising steps (default: the saved
-                `default_num_inference_steps`, else 50).
+                looked up in `id2label`; nested lists (`[[1], [1]]`) and tensors are flattened. Must be `None` for
+                an unconditional model.
+            guidance_scale (`float`, *optional*): Classifier-free guidance scale; 1.0 samples the conditional model
+                alone (no unconditional pass). Defaults to the config's `default_guidance_scale`, else 4.0.
+            num_inference_steps (`int`, *optional*): Denoising steps. Defaults to the config's
+                `default_num_inference_steps`, else 50.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): One generator, or one per image.
             latents (`torch.Tensor`, *optional*): Starting noise of shape `(batch, channels, height, width)`.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (NHWC floats in [0, 1]), `"pt"` (NCHW floats
@@ -310,14 +377,8 @@ class DiTPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        if guidance_scale is None:
-            guidance_scale = self.config.get("default_guidance_scale") or 4.0
-        if num_inference_steps is None:
-            num_inference_steps = self.config.get("default_num_inference_steps") or 50
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 (1.0 disables guidance), got {guidance_scale}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+        check_sampling_defaults(num_inference_steps, guidance_scale)
+        num_inference_steps, guidance_scale = self._sampling_settings(num_inference_steps, guidance_scale)
         check_guidance_interval(guidance_interval)
 
         conditional = self.num_classes > 0
@@ -344,16 +405,9 @@ class DiTPipeline(DiffusionPipeline):
         if guidance_channels is not None and not 0 < guidance_channels <= latent_channels:
             raise ValueError(f"`guidance_channels` must be in 1..{latent_channels} or None, got {guidance_channels}.")
         self._check_scheduler(latent_channels)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for {batch_size} images: pass one per image.")
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-        else:
-            latents = latents.to(device=device, dtype=dtype)
-        # Flow-matching schedulers start from unit noise and define no `init_noise_sigma`.
-        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        # Timesteps first: the starting noise scale (`init_noise_sigma`) of σ-parametrised schedulers depends on them.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self._prepare_latents(shape, generator, latents, device, dtype)
 
         if conditional:
             labels = torch.tensor(label_ids, device=device)
@@ -363,7 +417,6 @@ class DiTPipeline(DiffusionPipeline):
         else:
             labels = None
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         # Label dropout is a training-time augmentation: sample in eval mode whatever mode the model was left in.
         was_training = self.transformer.training
         self.transformer.eval()
@@ -388,6 +441,30 @@ class DiTPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def _prepare_latents(self, shape, generator, latents, device, dtype) -> torch.Tensor:
+        """The starting noise: drawn from `generator` or given, times the scheduler's `init_noise_sigma`."""
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for {shape[0]} images: pass one per image.")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        # Flow-matching schedulers start from unit noise and define no `init_noise_sigma`.
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def _sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The call's values, else the saved `default_*` config entries, else 50 steps and guidance 4.0. (A folder
+        saved before these entries existed has none: `config.get`.)"""
+        if num_inference_steps is None:
+            saved = self.config.get("default_num_inference_steps")
+            num_inference_steps = NUM_INFERENCE_STEPS if saved is None else saved
+        if guidance_scale is None:
+            saved = self.config.get("default_guidance_scale")
+            guidance_scale = GUIDANCE_SCALE if saved is None else saved
+        return num_inference_steps, guidance_scale
+
     def _guided_at(self, t: torch.Tensor, guidance_interval: tuple[float, float] | None) -> bool:
         if guidance_interval is None:
             return True
@@ -399,6 +476,7 @@ class DiTPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         latent_channels = latents.shape[1]
         learned_variance = self._uses_learned_variance()
+        extra_step_kwargs = step_kwargs(self.scheduler, generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             guide = do_cfg and self._guided_at(t, guidance_interval)
             model_input = torch.cat([latents, latents]) if guide else latents
@@ -426,7 +504,7 @@ class DiTPipeline(DiffusionPipeline):
                 model_output = torch.cat([pred, rest], dim=1)
             else:
                 model_output = pred
-            latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -447,18 +525,26 @@ class DiTPipeline(DiffusionPipeline):
         return [PIL.Image.fromarray(image) for image in images]
 
     # ------------------------------------------------------------------------------------------------------------
-    # Saving with the custom code, and loading without remote code when dit_hf is installed.
+    # Saving with the custom code, and loading with the installed classes through diffusers' own loader.
 
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
         variant: str | None = None,
+        max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        use_flashpack: bool = False,
         **kwargs,
     ):
         """Save like diffusers, plus the code of the pipeline and transformer so the folder runs without dit_hf."""
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant)
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            use_flashpack=use_flashpack,
+        )
         self.write_custom_code(save_directory)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
@@ -488,51 +574,40 @@ class DiTPipeline(DiffusionPipeline):
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
 
+    # `DiTPipeline.from_pretrained` is diffusers' own, with all its arguments. A saved folder's model_index.json names
+    # the copies of this file and of modeling_dit.py that travel inside it, which diffusers runs only with
+    # `trust_remote_code=True`. With dit_hf installed, the two hooks below make diffusers' loader take the installed
+    # classes instead: the pipeline class is the one `from_pretrained` is called on, and the transformer is dit_hf's
+    # `DiTModel`, so no code from the folder runs. Without dit_hf (this file running as a folder's remote code) they
+    # change nothing.
+
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiTPipeline":
-        """
-        Load a saved pipeline (a local folder or a Hub repo id) with this class and dit_hf's `DiTModel`.
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # diffusers reads model_index.json through this method both in `download` (for a Hub repo) and in
+        # `load_config`; a `[module, class]` pair as `_class_name` would make either fetch and run the folder's copy.
+        config = super()._dict_from_json_file(json_file)
+        if installed_model_class() is not None and config.get("_class_name") == [PIPELINE_MODULE, cls.__name__]:
+            config["_class_name"] = cls.__name__
+        return config
 
-        Components can be replaced by passing them (e.g. `scheduler=DDIMScheduler.from_config(...)`), and so can
-        `id2label` and `objective` (read from model_index.json, `"ddpm_eps"` if absent); `torch_dtype` casts the
-        models; `cache_dir`, `revision`, `token`, `local_files_only` and `force_download` are passed to the Hub
-        download. Without dit_hf installed this falls back to diffusers' loader (remote code).
-        """
-        try:
-            # No import statement on purpose: diffusers scans this file's imports when it travels as remote code.
-            dit_model_cls = importlib.import_module("dit_hf.modeling_dit").DiTModel
-        except ImportError:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`; with dit_hf installed, a transformer saved as the folder's `modeling_dit.DiTModel`
+        copy is listed as dit_hf's installed `DiTModel` (the class `from_pretrained` then loads it with)."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        model_cls = installed_model_class()
+        if model_cls is not None:
+            for name, value in config.items():
+                if value == [TRANSFORMER_MODULE, model_cls.__name__]:
+                    config[name] = [model_cls.__module__, model_cls.__name__]
+        return loaded
 
-        torch_dtype = kwargs.pop("torch_dtype", None)
-        components = {name: kwargs.pop(name) for name in ("transformer", "scheduler", "vae") if name in kwargs}
-        id2label = kwargs.pop("id2label", None)
-        objective = kwargs.pop("objective", None)
-        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download")
-        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
-        if kwargs:
-            raise ValueError(f"Unsupported arguments for DiTPipeline.from_pretrained: {sorted(kwargs)}.")
 
-        folder = str(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):
-            folder = snapshot_download(folder, **hub_kwargs)
-        index = cls.load_config(folder)
-        for name in ("transformer", "scheduler", "vae"):
-            if name in components:
-                continue
-            library, class_name = index.get(name) or (None, None)
-            if class_name is None:
-                components[name] = None
-                continue
-            if library == TRANSFORMER_MODULE:
-                component_cls = dit_model_cls
-            else:
-                component_cls = getattr(importlib.import_module(library), class_name)
-            load_kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "scheduler" else {}
-            components[name] = component_cls.from_pretrained(folder, subfolder=name, **load_kwargs)
-        if id2label is None:
-            id2label = index.get("id2label")
-        defaults = {k: index.get(k) for k in ("default_num_inference_steps", "default_guidance_scale")}
-        return cls(
-            **components, id2label=id2label, objective=objective or index.get("objective", "ddpm_eps"), **defaults
-        )
+def installed_model_class() -> type | None:
+    """dit_hf's `DiTModel` when dit_hf is installed, else None (this file then runs as a saved folder's code)."""
+    try:
+        # No import statement on purpose: diffusers scans this file's imports when it travels as remote code.
+        return importlib.import_module("dit_hf.modeling_dit").DiTModel
+    except ImportError:
+        return None
