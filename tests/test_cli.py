@@ -109,3 +109,12 @@ def test_sample_uses_the_saved_sampling_defaults(tmp_path):
     )
     main(["sample", str(folder), "--labels", "1", "2", "--steps", "2", "--guidance_scale", "4", "--out", str(other)])
     assert saved.read_bytes() == explicit.read_bytes() != other.read_bytes()
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf"])
+def test_sample_refuses_a_non_finite_guidance_scale(saved_pipeline, tmp_path, capsys, scale):
+    with pytest.raises(SystemExit) as exit_info:
+        main(sample_args(saved_pipeline, tmp_path / "g.png", "--labels", "1", "--guidance_scale", scale))
+    assert exit_info.value.code == 2
+    assert f"`guidance_scale` must be a finite number >= 0, got {scale}" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()

@@ -290,6 +290,19 @@ def test_load_original_safetensors(tmp_path, original_model):
     assert_same_state_dict(model, original_model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_original_half_precision_checkpoint(tmp_path, original_model, dtype):
+    state_dict = {name: tensor.to(dtype) for name, tensor in original_state_dict(original_model).items()}
+    torch.save(state_dict, tmp_path / "dit-half.pt")
+    model = load_original_dit_checkpoint(tmp_path / "dit-half.pt", num_heads=2)
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, state_dict[name].float()), name
+    # A wrong embedding is still refused at that precision.
+    state_dict["pos_embed"] = state_dict["pos_embed"] + 0.05
+    with pytest.raises(ValueError, match="pos_embed"):
+        load_original_dit_checkpoint(state_dict, num_heads=2)
+
+
 def test_load_original_lists_missing_and_unexpected_keys(original_model):
     state_dict = original_state_dict(original_model)
     del state_dict["blocks.1.mlp.fc2.bias"]

@@ -18,6 +18,7 @@ from dit_hf.data import (
     drop_unreadable_images,
     find_unreadable_images,
     infer_num_classes,
+    label_by_top_folder,
     load_digits_dataset,
     load_image_dataset,
     resize_center_crop,
@@ -202,6 +203,19 @@ def test_label_checks(digits):
     check_labels(strings, None, None)  # unconditional: nothing to check
 
 
+def test_integer_labels_must_be_a_dense_range():
+    assert infer_num_classes(datasets.Dataset.from_dict({"y": [2, 0, 1, 1]}), "y") == 3
+    sparse = datasets.Dataset.from_dict({"y": [0, 1, 5, 1]})
+    with pytest.raises(ValueError, match=r"3 distinct labels, but its largest is 5: ids \[2, 3, 4\] never occur.*"
+                       r"Remap the labels to 0\.\.2.*or pass --num_classes 6"):  # fmt: skip
+        infer_num_classes(sparse, "y")
+    stray = datasets.Dataset.from_dict({"y": [0, 1, 2**62]})  # one stray value: refused without counting to it
+    with pytest.raises(ValueError, match=r"ids \[2, 3, 4, 5, 6, 7, 8, 9, 10, 11\] \.\.\. never occur"):
+        infer_num_classes(stray, "y")
+    # A ClassLabel defines its classes by name: ids absent from a subset are fine.
+    assert infer_num_classes(load_digits_dataset().select(range(3)), "label") == 10
+
+
 def test_load_image_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--train_data_dir .*missing.* is not a directory"):
         load_image_dataset(train_data_dir=str(tmp_path / "missing"))
@@ -322,3 +336,60 @@ def test_cached_images_refuse_what_does_not_fit(image_folder, tmp_path):
     decoded = ImageLabelDataset(ds, "image", "label", build_transform(8, True, False))
     with pytest.raises(MemoryError, match=r"--cache_images needs .* for 6 images at 3×8×8.*drop --cache_images"):
         CachedImages(decoded, max_fraction_of_ram=1e-12)
+
+
+def write_images(root, relative_paths):
+    for i, relative in enumerate(relative_paths):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(path)
+
+
+def labels_by_file(ds) -> dict[str, str]:
+    if "label" not in ds.column_names:
+        return {}
+    names = ds.features["label"].names
+    paths = [v["path"] for v in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+    return {path.split("/data/", 1)[1]: names[label] for path, label in zip(paths, ds["label"])}
+
+
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        # Nested folders at different depths inside a class folder (imagefolder dropped every label).
+        (["cat/a.png", "cat/more/b.png", "dog/c.png"], {"cat": 2, "dog": 1}),
+        # Every class folder holds one subfolder of the same name (Tiny ImageNet's `<class>/images/`).
+        (["n01/images/a.png", "n01/images/b.png", "n02/images/c.png"], {"n01": 2, "n02": 1}),
+        # A split folder (or any folder shared by every image) is looked through.
+        (["train/cat/x/a.png", "train/dog/b.png", "train/dog/y/z/c.png"], {"cat": 1, "dog": 2}),
+    ],
+)
+def test_nested_folders_are_labelled_by_their_top_level_folder(tmp_path, layout, expected):
+    write_images(tmp_path / "data", layout)
+    ds = load_image_dataset(train_data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "hf_cache"))
+    assert resolve_columns(ds, None, None) == ("image", "label")
+    found = labels_by_file(ds)
+    assert sorted(found) == sorted(layout)
+    assert all(found[path] == path.removeprefix("train/").split("/")[0] for path in found)
+    assert {name: list(found.values()).count(name) for name in expected} == expected
+
+
+def test_loose_images_beside_class_folders_are_refused(tmp_path):
+    write_images(tmp_path / "data", ["loose.png", "cat/a.png", "dog/more/b.png"])
+    with pytest.raises(ValueError, match=r"data' holds images directly \(e.g. 'loose.png'\) and class folders"):
+        load_image_dataset(train_data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "hf_cache"))
+    # One class folder with images both loose and nested: the same refusal, naming that folder.
+    write_images(tmp_path / "one", ["cat/a.png", "cat/more/b.png"])
+    with pytest.raises(ValueError, match=r"one/cat' holds images directly \(e.g. 'a.png'\)"):
+        load_image_dataset(train_data_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "hf_cache"))
+
+
+def test_flat_layouts_keep_imagefolder_labels_and_fingerprint(image_folder, tmp_path):
+    import datasets as hf_datasets
+
+    raw = hf_datasets.load_dataset("imagefolder", data_dir=str(image_folder), split="train")
+    assert label_by_top_folder(raw, str(image_folder)) is raw  # nothing to change in a flat <class>/<image> layout
+    write_images(tmp_path / "flat", ["a.png", "b.png"])
+    assert "label" not in load_folder(tmp_path / "flat", tmp_path).column_names  # unconditional, as documented
+    write_images(tmp_path / "single", ["only/a.png", "only/b.png"])
+    assert "label" not in load_folder(tmp_path / "single", tmp_path).column_names

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +61,6 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-5"
     states = []
     for rank in (0, 1):
-        # accelerate writes these with torch.save (numpy and python RNG states inside: not weights-only).
-        states.append(torch.load(ckpt / f"random_states_{rank}.pkl", weights_only=False)["torch_manual_seed"])
+        # accelerate writes these with torch.save and reads them weights-only, allowing the numpy array types.
+        states.append(accelerate_load(ckpt / f"random_states_{rank}.pkl", weights_only=True)["torch_manual_seed"])
     assert not torch.equal(states[0], states[1])

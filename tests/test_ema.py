@@ -1,8 +1,13 @@
+import json
+import os
+
 import pytest
 import torch
+from conftest import tiny_dit
 from torch import nn
 
-from dit_hf.ema import EMAModels, parse_ema_decays
+from dit_hf import DiTModel
+from dit_hf.ema import EMA_STATE, EMAModels, load_ema, parse_ema_decays, save_ema
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -167,3 +172,47 @@ def test_parse_ema_decays():
     ]:
         with pytest.raises(ValueError, match="--ema_decay .*" + message):
             parse_ema_decays(spec)
+
+
+def trained_ema(decays: str, steps: int = 3) -> tuple[nn.Module, EMAModels]:
+    model = tiny_dit()
+    ema = EMAModels(model, decays)
+    for values in param_sequence(model, steps=steps):
+        set_params(model, values)
+        ema.update(model)
+    return model, ema
+
+
+def test_save_and_load_ema_restore_the_state_exactly_without_pickles(tmp_path):
+    model, ema = trained_ema("0.5,0.9")
+    save_ema(ema, str(tmp_path), lambda i: ema.averaged_model(model, i))
+    assert sorted(os.listdir(tmp_path)) == ["ema_0.5", "ema_0.9", EMA_STATE]
+    assert json.loads((tmp_path / EMA_STATE).read_text()) == {"decays": [0.5, 0.9], "num_updates": 3}
+    # Each average is a diffusers folder holding exactly that average.
+    reloaded = DiTModel.from_pretrained(tmp_path / "ema_0.9")
+    for name, p in reloaded.named_parameters():
+        assert torch.equal(p, averages(ema, 1)[name])
+
+    resumed = EMAModels(tiny_dit(seed=7), "0.5,0.9")
+    load_ema(resumed, str(tmp_path))
+    assert resumed.num_updates == 3
+    for index in range(2):
+        for name, average in averages(ema, index).items():
+            assert torch.equal(averages(resumed, index)[name], average)
+
+
+def test_load_ema_refuses_other_decays_and_missing_state(tmp_path):
+    model, ema = trained_ema("0.5,0.9")
+    save_ema(ema, str(tmp_path), lambda i: ema.averaged_model(model, i))
+    with pytest.raises(ValueError, match=r"resume with --ema_decay 0\.5,0\.9"):
+        load_ema(EMAModels(tiny_dit(), "0.9999"), str(tmp_path))
+    (tmp_path / EMA_STATE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{EMA_STATE} is missing"):
+        load_ema(EMAModels(tiny_dit(), "0.5,0.9"), str(tmp_path))
+    # A checkpoint written before ema_state.json: the averages come from the folders, the count from the caller.
+    resumed = EMAModels(tiny_dit(seed=7), "0.5,0.9")
+    load_ema(resumed, str(tmp_path), num_updates=3)
+    assert resumed.num_updates == 3
+    assert all(torch.equal(averages(resumed, 0)[name], t) for name, t in averages(ema, 0).items())
+    with pytest.raises(FileNotFoundError, match="ema_0.99 is missing"):
+        load_ema(EMAModels(tiny_dit(), "0.5,0.99"), str(tmp_path), num_updates=3)

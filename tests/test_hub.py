@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import zlib
 
@@ -22,7 +23,7 @@ from huggingface_hub import ModelCard, snapshot_download
 from huggingface_hub.utils import _http
 
 from dit_hf import DiTPipeline
-from dit_hf.hub import push_checkpoint, push_output_dir, safe_push, write_model_card
+from dit_hf.hub import push_checkpoint, push_output_dir, refuse_token_arguments, safe_push, write_model_card
 
 TOKEN = "hf_dummyTokenThatMustNeverBePublished"
 REPO = "dummy-user/tiny-dit"
@@ -329,7 +330,8 @@ def run_trainer(output_dir, *extra):
 def test_trainer_pushes_its_pipeline_with_a_model_card(tmp_path, hub, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
     out = tmp_path / "run"
-    summary = run_trainer(out, "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TOKEN)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    summary = run_trainer(out, "--push_to_hub", "--hub_model_id", REPO)
     assert summary["pushed"] is True
     arrived = hub.files(REPO)
     assert PUSHED <= set(arrived), sorted(arrived)
@@ -345,11 +347,78 @@ def test_trainer_pushes_its_pipeline_with_a_model_card(tmp_path, hub, monkeypatc
 def test_trainer_push_failure_keeps_outputs(tmp_path, hub, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
     out = tmp_path / "run"
-    summary = run_trainer(out, "--push_to_hub", "--hub_model_id", REPO, "--hub_token", "hf_wrong")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    summary = run_trainer(out, "--push_to_hub", "--hub_model_id", REPO)
     assert summary["pushed"] is False
     assert REPO not in hub.repos or hub.files(REPO) == {}  # the wrong token was refused: nothing arrived
     for name in ("model_index.json", "samples.png", "README.md", "checkpoints/checkpoint-2/trainer_state.json"):
         assert (out / name).is_file(), name
+
+
+# ----------------------------------------------------------------------------------------------------------- secrets
+
+
+def test_a_token_on_the_command_line_is_refused_without_repeating_it():
+    for argv in (["--hub_token", TOKEN], [f"--hub_token={TOKEN}"], ["--hub-token", TOKEN], ["--token", TOKEN]):
+        with pytest.raises(ValueError, match=r"not accepted.*HF_TOKEN environment variable.*`hf auth login`") as info:
+            refuse_token_arguments(["--push_to_hub", *argv])
+        assert TOKEN not in str(info.value)
+    refuse_token_arguments(["--hub_model_id", "user/hub_token", "--push_to_hub"])  # a value, not a flag
+
+
+def test_the_hub_token_never_reaches_disk(tmp_path, hub):
+    """A run that logs to wandb (offline) and pushes its checkpoints and pipeline: no file it leaves has the token."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.path.join(root, "src"),
+        "HF_TOKEN": TOKEN,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf-home"),  # no saved login: the token comes from HF_TOKEN alone
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "WANDB_MODE": "offline",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, os.path.join(root, "train_dit.py"),
+        "--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--train_batch_size", "8",
+        "--max_train_samples", "32", "--num_inference_steps", "2", "--num_samples_per_class", "1",
+        "--validation_steps", "0", "--max_train_steps", "2", "--checkpointing_steps", "2", "--logging_steps", "1",
+        "--report_to", "wandb", "--push_to_hub", "--hub_model_id", REPO, "--push_checkpoints",
+        "--output_dir", str(out),
+    ]  # fmt: skip
+
+    # The old way, a token on the command line (which wandb records with the run), is refused before any output.
+    sys.path.insert(0, root)
+    import train_dit
+
+    with pytest.raises(ValueError, match="--hub_token is not accepted") as info:
+        train_dit.parse_args([*command[2:], "--hub_token", TOKEN])
+    assert TOKEN not in str(info.value) and not out.exists()
+
+    done = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    arrived = hub.files(REPO)  # the token from HF_TOKEN was used
+    assert PUSHED <= set(arrived) and "checkpoints/checkpoint-2/trainer_state.json" in arrived
+    assert list(out.glob("wandb/offline-run-*/run-*.wandb")), "wandb wrote no run file"
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert len(files) > 20
+    assert [str(path) for path in files if TOKEN.encode() in path.read_bytes()] == []
+    assert [name for name, data in arrived.items() if TOKEN.encode() in data] == []
+    assert TOKEN.encode() not in done.stdout + done.stderr
+
+
+def test_a_failed_push_masks_the_token_read_from_the_environment(tmp_path, monkeypatch, caplog):
+    out = make_output_dir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    # An endpoint that repeats the token (as a proxy URL might) and where nothing listens.
+    endpoint = f"http://127.0.0.1:9/{TOKEN}"
+    with caplog.at_level(logging.ERROR, logger="dit_hf.hub"):
+        assert safe_push(out, REPO, endpoint=endpoint) is False
+    message = caplog.records[-1].getMessage()
+    assert "all local outputs are kept" in message and "http://127.0.0.1:9/***" in message
+    assert TOKEN not in message
 
 
 def test_from_pretrained_of_a_hub_repo_takes_diffusers_arguments(tmp_path, hub, saved_pipeline, monkeypatch):

@@ -13,6 +13,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gen, make_pipe, tiny_dit
 
 from dit_hf import metrics
 from dit_hf.cli import main
@@ -21,6 +22,7 @@ from dit_hf.evaluation import (
     digits_probabilities,
     fit_digits_probability_classifier,
     images_to_digit_features,
+    sample_in_batches,
 )
 from dit_hf.metrics import (
     FeatureStats,
@@ -125,6 +127,22 @@ def test_fid_of_a_set_with_itself_is_zero_and_a_shift_adds_its_squared_length():
         # Same covariance: the trace term vanishes and FID is ||shift||² = 16 shift².
         assert fids[-1] == pytest.approx(16 * shift**2, rel=1e-5)
     assert fids == sorted(fids)
+
+
+def test_fid_is_never_negative():
+    # 50 images in 128 dimensions (singular covariance): rounding in the traces used to give -3e-5 for a set itself.
+    features = (3 * np.random.default_rng(0).normal(size=(50, 128))).astype(np.float32)
+    stats = FeatureStats.from_features(features)
+    assert metrics.fid_from_stats(stats, stats) == 0.0
+
+
+def test_nan_statistics_are_refused(tmp_path):
+    eye = np.eye(3)
+    with pytest.raises(ValueError, match="mu2 has NaN or inf"):
+        frechet_distance(np.zeros(3), eye, np.array([0.0, np.nan, 0.0]), eye)
+    np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan, 0.0]), sigma=eye)
+    with pytest.raises(ValueError, match=r"nan.npz' holds NaN or inf in its mean or covariance.*dit-hf fid-stats"):
+        FeatureStats.load(str(tmp_path / "nan.npz"))
 
 
 def test_fid_matches_torchmetrics_with_the_same_features():
@@ -562,3 +580,30 @@ def test_image_source_from_memory_hashes_pixels():
     changed[0, 0, 0, 0] ^= 1
     assert ImageSource.from_images(images).identity == ImageSource.from_images(images.copy()).identity
     assert ImageSource.from_images(images).identity != ImageSource.from_images(changed).identity
+
+
+def forward_batch_sizes(pipe) -> list[int]:
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_sample_in_batches_bounds_each_forward_and_keeps_the_order():
+    pipe = make_pipe()
+    seen = forward_batch_sizes(pipe)
+    labels = [0, 1, 2, 0, 1]
+    kwargs = dict(guidance_scale=2.0, num_inference_steps=2, output_type="np")
+    images = sample_in_batches(pipe, labels, batch_size=2, generator=gen(0), **kwargs)
+    assert images.shape == (5, 8, 8, 3)
+    assert max(seen) == 4 and len(seen) == 3 * 2  # 2 images and their unconditional copies; 3 calls of 2 steps
+    # The same as calling the pipeline on each chunk in turn with one generator.
+    generator = gen(0)
+    chunks = [pipe(class_labels=labels[i : i + 2], generator=generator, **kwargs).images for i in (0, 2, 4)]
+    np.testing.assert_array_equal(images, np.concatenate(chunks))
+
+    unconditional = make_pipe(tiny_dit(num_classes=0))
+    seen = forward_batch_sizes(unconditional)
+    pil = sample_in_batches(unconditional, num_images=5, batch_size=3, num_inference_steps=2, generator=gen(0))
+    assert len(pil) == 5 and all(isinstance(image, PIL.Image.Image) for image in pil) and max(seen) == 3
+    with pytest.raises(ValueError, match="`num_images` for an unconditional"):
+        sample_in_batches(unconditional, batch_size=3)

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_pipe, tiny_dit
 
 from dit_hf import DIT_PRESETS, DiTModel
 from dit_hf.modeling_dit import LabelEmbedder, TimestepEmbedder
@@ -214,3 +215,28 @@ def test_residual_stream_is_contiguous(head_depth):
         block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].is_contiguous()))
     model(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([3, 7]))
     assert seen == [True] * len(blocks)
+
+
+def test_from_pretrained_refuses_missing_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dit_hf import DiTPipeline
+
+    make_pipe().save_pretrained(tmp_path)
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    state_dict = load_file(weights)
+    del state_dict["blocks.1.attn.proj.weight"], state_dict["final_layer.linear.bias"]
+    save_file(state_dict, weights, metadata={"format": "pt"})
+    match = r"transformer' lack 2 of DiTModel's parameters \(\['blocks.1.attn.proj.weight', 'final_layer.linear.bias'"
+    with pytest.raises(ValueError, match=match):
+        DiTModel.from_pretrained(tmp_path / "transformer")
+    with pytest.raises(ValueError, match=match):
+        DiTModel.from_pretrained(tmp_path, subfolder="transformer")
+    with pytest.raises(ValueError, match="lack 2 of DiTModel's parameters"):
+        DiTPipeline.from_pretrained(tmp_path)
+    # A complete folder loads as before, loading info included on request.
+    complete = tmp_path / "complete"
+    tiny_dit().save_pretrained(complete)
+    model, info = DiTModel.from_pretrained(complete, output_loading_info=True)
+    assert info["missing_keys"] == [] and isinstance(model, DiTModel)
+    assert all(p.device.type == "cpu" for p in DiTModel.from_pretrained(complete).parameters())

@@ -283,6 +283,20 @@ def test_label_names(pipe):
         make_pipe().get_label_ids("tabby")  # no id2label at all
 
 
+def test_class_ids_must_be_whole_numbers(pipe):
+    assert pipe.get_label_ids([np.int64(3), torch.tensor(4), 5.0]) == [3, 4, 5]
+    for bad, match in [(1.5, "1.5 is not a whole number"), (float("nan"), "nan is not a whole number"),
+                       (True, "True is a boolean"), (None, "None is not a number")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"Class id {match}"):
+            pipe.get_label_ids([0, bad])
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0])
+def test_guidance_scale_must_be_finite(pipe, scale):
+    with pytest.raises(ValueError, match=r"`guidance_scale` must be a finite number >= 0"):
+        sample(pipe, guidance_scale=scale)
+
+
 @pytest.mark.parametrize("class_id", [10, -1])
 def test_label_id_out_of_range(pipe, class_id):
     with pytest.raises(ValueError, match=r"0\.\.9"):

@@ -230,6 +230,8 @@ def test_weights_choice_loads_that_subfolder(saved_pipeline, tmp_path):
         (dict(pipeline="/nonexistent/dit"), FileNotFoundError, r"'/nonexistent/dit' is neither a local folder"),
         (dict(steps=0), ValueError, r"`num_inference_steps` must be >= 1, got 0"),
         (dict(seed=-1), ValueError, r"`seed` must be >= 0, got -1"),
+        (dict(guidance_scale=float("nan")), ValueError, r"`guidance_scale` must be a finite number >= 0, got nan"),
+        (dict(guidance_scale=float("inf")), ValueError, r"`guidance_scale` must be a finite number >= 0, got inf"),
         (dict(pipeline="/nonexistent/dit"), FileNotFoundError, r"'/nonexistent/dit' is neither a local folder"),
     ],
 )

@@ -332,7 +332,7 @@ def test_make_adamw_is_fused_on_cpu_and_matches_the_reference_update():
 
 def test_cache_images_is_the_digits_default_and_trains_identically(tmp_path):
     assert train_dit.parse_args([]).cache_images is True
-    assert train_dit.parse_args(["--dataset_name", "user/data"]).cache_images is False
+    assert train_dit.parse_args(["--dataset_name", "user/data", "--recipe", "paper"]).cache_images is False
     assert train_dit.parse_args(["--vae", "some/vae", "--cache_latents", str(tmp_path)]).cache_images is False
     with pytest.raises(ValueError, match="--cache_images and --cache_latents .* drop --cache_images"):
         train_dit.parse_args(["--vae", "some/vae", "--cache_latents", str(tmp_path), "--cache_images"])

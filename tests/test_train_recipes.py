@@ -94,8 +94,13 @@ def test_eval_steps_log_fid_and_accuracy(tmp_path, monkeypatch):
     for row in evals:
         assert row["eval/fid"] > 0 and 0 <= row["eval/digits_accuracy"] <= 1
         assert 0 <= row["eval/precision"] <= 1 and 0 <= row["eval/recall"] <= 1
+        # The class probe of the real digits (on the stand-in network's features) scores the samples by class.
+        assert 0 <= row["eval/class_accuracy"] <= 1 and row["eval/probe_held_out_accuracy"] > 0.3
     assert summary["eval"]["step"] == 3 and summary["eval"]["fid"] == evals[-1]["eval/fid"]
-    assert len(list((tmp_path / "hf" / "dit_hf" / "fid").glob("*.npz"))) == 1  # reference statistics cached
+    cached = sorted(p.name for p in (tmp_path / "hf" / "dit_hf" / "fid").glob("*.npz"))
+    assert len(cached) == 2 and sum(name.startswith("probe-") for name in cached) == 1  # statistics and probe
+    # The plots were redrawn with the evaluations: FID over steps is there, readable without wandb.
+    assert {"loss.png", "lr.png", "eval_fid.png"} <= {p.name for p in (out / "plots").iterdir()}
 
 
 @pytest.mark.parametrize(
@@ -173,3 +178,11 @@ def test_repa_targets_are_cached_with_the_latents(tmp_path):
         assert torch.equal(batch["repa_features"][k], data.features[k, flip])
     assert 0 < sum(int(torch.equal(batch["repa_features"][k], data.features[k, 1])) for k in range(16)) < 16
     assert shard["features"][0].shape == REPAEncoder(encoder_path).feature_map(torch.zeros(1, 3, 16, 16))[0].shape
+
+
+def test_a_recipe_preset_trains_without_an_explicit_patch_size(tmp_path):
+    # The trainer used to look the patch size up among the paper's sizes only (KeyError for LightningDiT-*).
+    tiny = ["--model", "LightningDiT-B/2", "--hidden_size", "32", "--depth", "2", "--num_heads", "2"]
+    summary = run(tmp_path, *tiny, "--objective", "flow", "--max_train_steps", "1")
+    assert summary["steps"] == 1
+    assert DiTPipeline.from_pretrained(tmp_path).transformer.config.patch_size == 2

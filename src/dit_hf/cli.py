@@ -3,6 +3,7 @@
 dit-hf sample PIPELINE_DIR --labels 0 1 2 3 --guidance_scale 4 --steps 50 --out grid.png
 dit-hf sample PIPELINE_DIR --labels "golden retriever" tabby --scheduler dpm --steps 20
 dit-hf convert from-original DiT-XL-2-256x256.pt out/dit-xl-2    (see `dit-hf convert --help`)
+dit-hf plot outputs/dit                                          (redraw outputs/dit/plots/*.png)
 """
 
 import argparse
@@ -119,9 +120,16 @@ def run_fid_stats(args) -> str:
 
 
 def add_evaluate_parser(subparsers):
-    p = subparsers.add_parser("evaluate", help="FID, Inception Score and precision/recall of generated samples.")
-    p.add_argument("samples", help="Generated images: an image folder or an ADM .npz (arr_0).")
-    p.add_argument("reference", help="Real images (any `fid-stats` SOURCE) or a statistics .npz.")
+    p = subparsers.add_parser(
+        "evaluate", help="FID, Inception Score, precision/recall and class accuracy of generated samples."
+    )
+    p.add_argument("samples", help="Generated images: an image folder or an ADM .npz (arr_0, labels in arr_1).")
+    p.add_argument(
+        "reference",
+        help="Real images (any `fid-stats` SOURCE) or a statistics .npz. With class labels (class subfolders, a "
+        "label column, 'digits') and labelled samples, a linear probe on its features gives the class accuracy.",
+    )
+    p.add_argument("--label_column", default=None, help="Label column of a datasets reference.")
     p.add_argument("--inception_logits", default=None, help="State dict with the 1008-way fc.weight, for IS.")
     p.add_argument("--splits", type=int, default=10, help="Inception Score splits.")
     p.add_argument("--max_pr_samples", type=int, default=None, help="Subsample each set for precision/recall.")
@@ -141,7 +149,9 @@ def run_evaluate(args) -> dict:
         args.inception, args.inception_logits, device=args.device, batch_size=args.batch_size, progress=True
     )
     samples = open_image_source(args.samples)
+    labels = _sample_labels(args.samples)
     reference = _reference_stats(args, extractor)
+    probe, no_probe = _class_probe(args, extractor, reference) if labels is not None else (None, None)
     result = evaluate_samples(
         compute_stats(samples, extractor),
         reference,
@@ -149,7 +159,11 @@ def run_evaluate(args) -> dict:
         args.splits,
         max_pr_samples=args.max_pr_samples,
         seed=args.seed,
+        labels=labels,
+        class_probe=probe,
     )
+    if no_probe is not None:
+        result["unavailable"]["class_accuracy"] = no_probe
     if args.reference == "digits":
         from .evaluation import digits_classifier_score
 
@@ -162,6 +176,8 @@ def run_evaluate(args) -> dict:
     if result["inception_score"] is not None:
         rows.append(("Inception Score", f"{result['inception_score']:.4f} ± {result['inception_score_std']:.4f}"))
     rows += [("precision", result["precision"]), ("recall", result["recall"])]
+    rows += [("class accuracy", result.get("class_accuracy"))]
+    rows += [("probe held-out accuracy", result.get("probe_held_out_accuracy"))]
     if "digits_classifier_score" in result:
         score, std = result["digits_classifier_score"], result["digits_classifier_score_std"]
         rows.append(("digits classifier score", f"{score:.4f} ± {std:.4f}"))
@@ -175,6 +191,42 @@ def run_evaluate(args) -> dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _sample_labels(path: str):
+    """The class labels of a samples `.npz` (`arr_1`, as `sample-eval` writes them); `None` for unlabelled samples."""
+    from .metrics import NoLabelsError, open_labelled_source
+
+    if not (os.path.isfile(path) and path.endswith(".npz")):
+        return None
+    try:
+        return open_labelled_source(path).labels
+    except NoLabelsError:
+        return None
+
+
+def _class_probe(args, extractor, reference):
+    """`(probe, None)` for a labelled reference, else `(None, why not)`."""
+    from .class_probe import fit_class_probe
+    from .metrics import NoLabelsError
+
+    try:
+        probe = fit_class_probe(
+            args.reference,
+            extractor,
+            resolution=args.resolution,
+            split=args.split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            max_images=args.max_images,
+            seed=args.seed,
+            features=reference,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+        )
+    except NoLabelsError as err:
+        return None, str(err)
+    return probe, None
 
 
 def add_sample_eval_parser(subparsers):
@@ -243,6 +295,44 @@ def run_sample_eval(args) -> str:
     return npz
 
 
+def add_make_glyphs_parser(subparsers):
+    p = subparsers.add_parser(
+        "make-glyphs", help="Write the offline glyphs data set (characters from matplotlib's fonts) as image folders."
+    )
+    p.add_argument("output_dir", help="A new folder: OUTPUT_DIR/train/<class>/*.png and OUTPUT_DIR/test/...")
+    p.add_argument("--resolution", type=int, default=28)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1: white on black; 3: colour on colour.")
+    p.add_argument("--num_train", type=int, default=4000)
+    p.add_argument("--num_test", type=int, default=1000)
+    p.set_defaults(func=run_make_glyphs)
+
+
+def run_make_glyphs(args) -> dict:
+    from .glyphs import make_glyphs_dataset
+
+    for name in ("num_train", "num_test"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive number of images, got {getattr(args, name)}.")
+    paths = make_glyphs_dataset(args.output_dir, args.resolution, args.channels, args.num_train, args.num_test)
+    print(f"wrote {args.num_train} training images to {paths['train']} and {args.num_test} to {paths['test']}")
+    return paths
+
+
+def add_plot_parser(subparsers):
+    p = subparsers.add_parser("plot", help="Redraw a training run's plots/*.png from its metrics.jsonl.")
+    p.add_argument("output_dir", help="The --output_dir of train_dit.py (holds metrics.jsonl).")
+    p.set_defaults(func=run_plot)
+
+
+def run_plot(args) -> list[str]:
+    from .plots import write_plots
+
+    written = write_plots(args.output_dir)
+    for path in written:
+        print(path)
+    return written
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "convert":
@@ -255,6 +345,8 @@ def main(argv: list[str] | None = None):
     add_fid_stats_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_sample_eval_parser(subparsers)
+    add_make_glyphs_parser(subparsers)
+    add_plot_parser(subparsers)
     subparsers.add_parser("convert", help="Convert checkpoints (see `dit-hf convert --help`).")
     args = parser.parse_args(argv)
     try:

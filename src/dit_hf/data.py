@@ -15,6 +15,7 @@ The trainer calls these in this order, each one mapping onto its command-line op
 """
 
 import io
+import itertools
 import os
 
 import datasets
@@ -82,6 +83,60 @@ def _contains_image_file(directory: str) -> bool:
     return False
 
 
+def _folder_labels(relative_paths: list[str], train_data_dir: str) -> list[str] | None:
+    """The class folder of each image, or None when the images lie loose in one folder (unconditional).
+
+    The root is the deepest folder holding every image (so a split folder like `train/`, or a single wrapper folder,
+    is looked through); each subfolder of the root is a class, with its images found at any depth. Images both loose
+    in the root and in subfolders are refused with the paths to fix.
+    """
+    parts = [path.split("/") for path in relative_paths]
+    depth = 0  # leading folders shared by every image
+    while all(len(p) > depth + 1 and p[depth] == parts[0][depth] for p in parts):
+        depth += 1
+    root = os.path.join(train_data_dir, *parts[0][:depth])
+    parts = [p[depth:] for p in parts]
+    loose = [p for p in parts if len(p) == 1]
+    if len(loose) == len(parts):
+        return None
+    if loose:
+        in_folder = next(p for p in parts if len(p) > 1)
+        raise ValueError(
+            f"--train_data_dir: {root!r} holds images directly (e.g. {loose[0][0]!r}) and class folders (e.g. "
+            f"{in_folder[0]!r}/). Move the loose images into a class folder, or put every image directly in one "
+            "folder to train unconditionally."
+        )
+    return [p[0] for p in parts]
+
+
+def label_by_top_folder(ds: datasets.Dataset, train_data_dir: str, image_column: str = "image") -> datasets.Dataset:
+    """Give an imagefolder data set one class per top-level folder of `train_data_dir`, images found at any depth.
+
+    The "imagefolder" builder names each image's class after its parent folder, and drops every label when images
+    lie at different depths (`cat/a.png` next to `cat/more/b.png`) or share a parent name (`cat/images/a.png`,
+    `dog/images/b.png`): the run would silently train unconditionally. Here the class is the top-level folder,
+    whatever lies below it; folders shared by every image (a `train/` split folder, one wrapper folder) are looked
+    through. A data set with a metadata file (other columns than image and label) is left as it is.
+    """
+    if set(ds.column_names) - {image_column, "label"}:
+        return ds
+    root = os.path.realpath(train_data_dir)
+    raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    relative = [os.path.relpath(os.path.realpath(v["path"]), root).replace(os.sep, "/") for v in raw[image_column]]
+    labels = _folder_labels(relative, train_data_dir)
+    if labels is None:
+        return ds.remove_columns("label") if "label" in ds.column_names else ds
+    names = sorted(set(labels))
+    index = {name: i for i, name in enumerate(names)}
+    ids = [index[label] for label in labels]
+    feature = datasets.ClassLabel(names=names)
+    if "label" in ds.column_names and ds.features["label"] == feature and list(ds["label"]) == ids:
+        return ds  # the usual flat layout: imagefolder's labels already (keeps the data set's fingerprint)
+    if "label" in ds.column_names:
+        ds = ds.remove_columns("label")
+    return ds.add_column("label", ids, feature=feature)
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     train_data_dir: str | None = None,
@@ -95,9 +150,10 @@ def load_image_dataset(
         dataset_name (`str`, *optional*):
             A Hub dataset id or a local dataset path/script, passed to `datasets.load_dataset`.
         train_data_dir (`str`, *optional*):
-            A local folder read with the "imagefolder" builder: `train_data_dir/<class>/<image>` gives a
-            `ClassLabel` "label" column named after the subfolders. Images directly in the folder, or a single
-            class subfolder, give no label column (unconditional training).
+            A local folder read with the "imagefolder" builder: `train_data_dir/<class>/.../<image>` gives a
+            `ClassLabel` "label" column named after the top-level subfolders, images found at any depth below them
+            ([`label_by_top_folder`]). Images directly in the folder, or a single class subfolder, give no label
+            column (unconditional training); a mix of both is refused.
         dataset_config_name (`str`, *optional*):
             The configuration of `dataset_name`.
         split (`str`, defaults to `"train"`):
@@ -134,6 +190,7 @@ def load_image_dataset(
                     "<train_data_dir>/<class name>/ subfolders."
                 ) from err
             raise
+        ds = label_by_top_folder(ds, train_data_dir)
         where = f"--train_data_dir {train_data_dir!r} (split {split!r})"
     else:
         ds = load_digits_dataset()
@@ -141,6 +198,41 @@ def load_image_dataset(
     if len(ds) == 0:
         raise ValueError(f"The training data from {where} has 0 rows; point it at a non-empty dataset or split.")
     return ds
+
+
+# PIL modes of one-channel images (the small-data recipe trains these with --image_channels 1).
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def first_image(
+    dataset_name: str | None,
+    train_data_dir: str | None,
+    dataset_config_name: str | None = None,
+    image_column: str | None = None,
+) -> Image.Image | None:
+    """The first image of the training data (sorted file order for a folder), to pick a recipe by; None if unreadable.
+
+    A folder is walked without building the dataset; a `datasets` source is loaded (and cached) as training will.
+    """
+    if train_data_dir is not None:
+        extensions = set(Image.registered_extensions())
+        for root, dirs, files in os.walk(train_data_dir):
+            dirs.sort()
+            for name in sorted(files):
+                if os.path.splitext(name)[1].lower() in extensions:
+                    try:
+                        with Image.open(os.path.join(root, name)) as image:
+                            image.load()
+                            return image
+                    except OSError:
+                        continue
+        return None
+    if dataset_name is None:
+        return None
+    ds = load_image_dataset(dataset_name, None, dataset_config_name)
+    column, _ = resolve_columns(ds, image_column, None)
+    image = ds[0][column]
+    return image if isinstance(image, Image.Image) else None
 
 
 def _column_summary(ds: datasets.Dataset) -> str:
@@ -224,7 +316,23 @@ def class_names(ds: datasets.Dataset, label_column: str | None) -> list[str] | N
 
 
 def infer_num_classes(ds: datasets.Dataset, label_column: str | None) -> int | None:
-    """The number of classes: `ClassLabel.num_classes`, or largest integer label + 1; `None` when unconditional."""
+    """The number of classes: `ClassLabel.num_classes`, or largest integer label + 1; `None` when unconditional.
+
+    Plain integer labels must form a dense range 0..K-1: a gap (or one stray huge value) would otherwise build a
+    model with an embedding row, and a row of sample grids, for every id up to the largest. ValueError with the fix.
+    """
+    if label_column is not None and not isinstance(ds.features[label_column], datasets.ClassLabel):
+        present = {v for v in _integer_labels(ds, label_column) if v is not None and v >= 0}
+        largest = max(present, default=-1)
+        if len(present) <= largest:  # a gap below the largest id; checked before any per-id list is built
+            missing = list(itertools.islice((i for i in range(largest) if i not in present), 11))
+            raise ValueError(
+                f"--label_column {label_column!r} has {len(present)} distinct labels, but its largest is {largest}: "
+                f"ids {missing[:10]}{' ...' if len(missing) > 10 else ''} never occur, and the model would get "
+                f"{largest + 1} classes. Remap the labels to 0..{len(present) - 1} (e.g. "
+                f"`ds.class_encode_column({label_column!r})`, which also keeps their names), or pass "
+                f"--num_classes {largest + 1} if the missing ids are real classes absent from this data."
+            )
     names = class_names(ds, label_column)
     return None if names is None else len(names)
 

@@ -4,7 +4,10 @@
 The trainer calls these once training has finished (main process only)::
 
     write_model_card(args.output_dir, repo_id, vars(args), dataset_name, num_classes, class_names, "samples.png")
-    safe_push(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+    safe_push(args.output_dir, repo_id, private=args.hub_private_repo)
+
+The token comes from `HF_TOKEN` or the saved `hf auth login`, never from the command line, which is recorded (shell
+history, the process list, wandb's run metadata): [`refuse_token_arguments`] turns a token flag into an error.
 
 `safe_push` and `push_checkpoint` never raise and never touch local files: hours of training must not be lost to a
 network error at the very end. They log what failed and the command that retries the upload, and return False.
@@ -16,8 +19,9 @@ import math
 import os
 import re
 import shlex
+from collections.abc import Sequence
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .modeling_dit import BLOCK_OPTION_KEYS
@@ -35,6 +39,9 @@ CHECKPOINT_PATTERNS = ["checkpoints/*", "checkpoint-*/*"]
 
 # Training arguments whose name matches this are never written to the card.
 SECRET_ARG = re.compile(r"token|secret|password|api_key|credential", re.IGNORECASE)
+
+# Command-line flags that would carry a Hub token (refused: argv is recorded).
+TOKEN_FLAGS = ("--hub_token", "--hub-token", "--hf_token", "--hf-token", "--token")
 
 # Rows of the card's "Training" table: argument name -> label. Arguments the trainer does not have are skipped.
 SUMMARY_ARGS = {
@@ -63,6 +70,22 @@ ARCHITECTURE_KEYS = (
     *BLOCK_OPTION_KEYS,
 )
 MAX_LISTED_CLASSES = 30
+
+
+def refuse_token_arguments(argv: Sequence[str]) -> None:
+    """Raise ValueError if `argv` passes a Hub token; the message names the flag and never repeats its value.
+
+    A command line is recorded in many places (shell history, `ps`, job logs, wandb's run metadata, which `wandb
+    sync` uploads), so the token is read from the environment (`HF_TOKEN`) or the saved login only.
+    """
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in TOKEN_FLAGS:
+            raise ValueError(
+                f"{flag} is not accepted: a token on the command line gets recorded (shell history, process list, "
+                f"logs, wandb's run metadata). Drop {flag} and set the HF_TOKEN environment variable, or run "
+                "`hf auth login` once."
+            )
 
 
 def _public_args(args: dict) -> dict:
@@ -318,8 +341,10 @@ def _report_failure(
         f"Nothing was deleted: all local outputs are kept in {local_dir!r}. "
         f"To retry, run:\n  {retry}\n(`huggingface-cli upload` with the same arguments on huggingface_hub < 1.0)."
     )
-    if token:
-        message = message.replace(token, "***")
+    # The token in use, given or read from HF_TOKEN / the saved login, is masked wherever an error repeats it.
+    for secret in (token, get_token()):
+        if secret:
+            message = message.replace(secret, "***")
     logger.error(message)
 
 

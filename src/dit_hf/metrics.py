@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import center_crop_arr, load_digits_dataset, resolve_columns, to_mode
+from .data import center_crop_arr, check_labels, class_names, load_digits_dataset, resolve_columns, to_mode
 
 # Bump whenever the image -> network input mapping changes: cached and saved statistics then stop matching.
 PREPROCESSING_VERSION = 1
@@ -292,6 +292,11 @@ class FeatureStats:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
             if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
                 raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D).")
+            if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+                raise ValueError(
+                    f"{path!r} holds NaN or inf in its mean or covariance, so every FID against it would be NaN; "
+                    "recompute the statistics with `dit-hf fid-stats`."
+                )
             return cls(
                 mu,
                 sigma,
@@ -331,13 +336,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"Statistics of different shapes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}; "
             "both sets must come from the same feature network."
         )
+    for name, mu in (("mu1", mu1), ("mu2", mu2)):
+        if not np.isfinite(mu).all():
+            raise ValueError(f"{name} has NaN or inf entries: check the features for NaN or inf.")
     values, vectors = _check_covariance(sigma1, "sigma1")
     _check_covariance(sigma2, "sigma2")
     root1 = (vectors * np.sqrt(values)) @ vectors.T
     middle = root1 @ sigma2 @ root1
     trace_root = np.sqrt(torch.linalg.eigvalsh(torch.from_numpy((middle + middle.T) / 2)).numpy().clip(min=0.0)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
+    # A distance is >= 0; rounding in the traces leaves e.g. -4e-5 for a set against itself.
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root))
 
 
 def fid_from_stats(stats1: FeatureStats, stats2: FeatureStats) -> float:
@@ -446,11 +455,9 @@ class ImageSource:
 
     def subset(self, max_images: int | None, seed: int = 0) -> "ImageSource":
         """A seeded random `max_images` of the images (all of them when `None` or not fewer)."""
-        if max_images is None or max_images >= self.num_images:
+        chosen = subset_indices(self.num_images, max_images, seed)
+        if chosen is None:
             return self
-        if max_images < 2:
-            raise ValueError(f"--max_images must be at least 2 (a covariance needs 2 images), got {max_images}.")
-        chosen = np.sort(np.random.default_rng(seed).choice(self.num_images, max_images, replace=False))
         return ImageSource(
             f"{self.description}, {max_images} random images (seed {seed})",
             f"{self.identity}|subset={max_images},seed={seed}",
@@ -464,6 +471,15 @@ class ImageSource:
         array = as_uint8_nhwc(images)
         identity = f"array:{array.shape}:{hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()}"
         return cls(description, identity, len(array), functools.partial(_read_array, array))
+
+
+def subset_indices(num_images: int, max_images: int | None, seed: int = 0) -> np.ndarray | None:
+    """The sorted indices of [`ImageSource.subset`]'s seeded random subset; `None` when it keeps every image."""
+    if max_images is None or max_images >= num_images:
+        return None
+    if max_images < 2:
+        raise ValueError(f"--max_images must be at least 2 (a covariance needs 2 images), got {max_images}.")
+    return np.sort(np.random.default_rng(seed).choice(num_images, max_images, replace=False))
 
 
 def _read_array(array: np.ndarray, indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -508,7 +524,8 @@ def _load_file(path: str, resolution: int | None = None, size_only: bool = False
         raise ValueError(f"Cannot decode image {path!r} ({err}); repair or delete it.") from err
 
 
-def _folder_source(folder: str, resolution: int | None, num_workers: int) -> ImageSource:
+def image_files(folder: str) -> list[str]:
+    """The PNG/JPEG/WebP files under `folder` (recursive) as sorted relative paths: the order images are read in."""
     files = sorted(
         os.path.relpath(os.path.join(root, name), folder)
         for root, _, names in os.walk(folder)
@@ -517,6 +534,11 @@ def _folder_source(folder: str, resolution: int | None, num_workers: int) -> Ima
     )
     if not files:
         raise ValueError(f"{folder!r} contains no PNG, JPEG or WebP images (searched recursively).")
+    return files
+
+
+def _folder_source(folder: str, resolution: int | None, num_workers: int) -> ImageSource:
+    files = image_files(folder)
     listing = hashlib.sha256()
     sizes = {}
     for name in files:
@@ -611,12 +633,6 @@ def _digits_source(resolution: int | None) -> ImageSource:
 
 
 def _dataset_source(ds, name: str, split: str, image_column: str | None, resolution: int | None) -> ImageSource:
-    import datasets
-
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"Dataset {name!r} has splits {list(ds)}, not {split!r}; pass one of them as --split.")
-        ds = ds[split]
     column, _ = resolve_columns(ds, image_column)
     description = f"dataset {name!r} (split {split!r}, column {column!r})"
 
@@ -633,6 +649,38 @@ def _dataset_source(ds, name: str, split: str, image_column: str | None, resolut
 
     identity = f"datasets:{ds._fingerprint}:{column}|resolution={resolution}"
     return ImageSource(description, identity, len(ds), read)
+
+
+def _is_saved_dataset(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _load_dataset(spec: str, split: str):
+    """The `split` of a `save_to_disk` folder or of a `datasets` Hub id, as a `datasets.Dataset`."""
+    import datasets
+
+    if os.path.isdir(spec):
+        ds = datasets.load_from_disk(spec)
+    elif spec.endswith(".npz") or spec.startswith((".", os.sep, "~")):
+        raise FileNotFoundError(f"{spec!r} does not exist; pass an image folder, an .npz file, a dataset or 'digits'.")
+    else:
+        try:
+            ds = datasets.load_dataset(spec, split=split)
+        except (FileNotFoundError, ConnectionError) as err:
+            raise FileNotFoundError(
+                f"{spec!r} is neither a local folder or .npz nor a loadable Hub dataset ({err}); pass an image "
+                "folder, an ADM .npz, a stats .npz, 'digits', or a datasets Hub id."
+            ) from err
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"Dataset {spec!r} has splits {list(ds)}, not {split!r}; pass one of them as --split.")
+        ds = ds[split]
+    return ds
+
+
+def _check_resolution(resolution: int | None) -> None:
+    if resolution is not None and resolution < 1:
+        raise ValueError(f"--resolution must be a positive number of pixels, got {resolution}.")
 
 
 def open_image_source(
@@ -652,32 +700,134 @@ def open_image_source(
     `resolution` center-crops and resizes every image to that square side (ADM's `center_crop_arr`);
     `image_column` defaults as in [`dit_hf.data.resolve_columns`]; `num_workers` threads decode folder images.
     """
-    if resolution is not None and resolution < 1:
-        raise ValueError(f"--resolution must be a positive number of pixels, got {resolution}.")
+    _check_resolution(resolution)
     if spec == "digits":
         return _digits_source(resolution)
-    if os.path.isdir(spec):
-        if any(os.path.isfile(os.path.join(spec, f)) for f in ("state.json", "dataset_dict.json")):
-            import datasets
-
-            return _dataset_source(datasets.load_from_disk(spec), spec, split, image_column, resolution)
+    if os.path.isdir(spec) and not _is_saved_dataset(spec):
         return _folder_source(spec, resolution, num_workers)
     if os.path.isfile(spec):
         if not spec.endswith(".npz"):
             raise ValueError(f"{spec!r} is a file but not an .npz; pass a folder of images or an ADM-style .npz.")
         return _npz_source(spec, resolution)
-    if spec.endswith(".npz") or spec.startswith((".", os.sep, "~")):
-        raise FileNotFoundError(f"{spec!r} does not exist; pass an image folder, an .npz file, a dataset or 'digits'.")
-    import datasets
+    return _dataset_source(_load_dataset(spec, split), spec, split, image_column, resolution)
 
-    try:
-        ds = datasets.load_dataset(spec, split=split)
-    except (FileNotFoundError, ConnectionError) as err:
-        raise FileNotFoundError(
-            f"{spec!r} is neither a local folder or .npz nor a loadable Hub dataset ({err}); pass an image folder, an "
-            "ADM .npz, a stats .npz, 'digits', or a datasets Hub id."
-        ) from err
-    return _dataset_source(ds, spec, split, image_column, resolution)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labelled images: what the class-consistency probe (dit_hf.class_probe) is fitted on.
+
+
+class NoLabelsError(ValueError):
+    """The images carry no class labels (an image folder without class subfolders, an .npz without `arr_1`, ...)."""
+
+
+@dataclass
+class LabelledImages:
+    """An [`ImageSource`] with the class id of each image (`labels`, int64, in the order the source reads them).
+
+    `class_names[i]` names class id `i` when the source has names (folders, `ClassLabel` columns, digits).
+    """
+
+    source: ImageSource
+    labels: np.ndarray
+    class_names: list[str] | None = None
+
+    def subset(self, max_images: int | None, seed: int = 0) -> "LabelledImages":
+        """The images and labels of [`ImageSource.subset`]: the same seeded random subset."""
+        chosen = subset_indices(self.source.num_images, max_images, seed)
+        if chosen is None:
+            return self
+        return LabelledImages(self.source.subset(max_images, seed), self.labels[chosen], self.class_names)
+
+    @classmethod
+    def from_images(cls, images, labels, class_names: list[str] | None = None) -> "LabelledImages":
+        """Images in memory (see [`as_uint8_nhwc`]) and one integer label each."""
+        source = ImageSource.from_images(images)
+        return cls(source, _check_label_array(labels, source.num_images, "labels"), class_names)
+
+
+def _check_label_array(labels, num_images: int, what: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != num_images or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{what} must be one integer class id per image ({num_images}), got {labels.dtype} of shape "
+            f"{labels.shape}."
+        )
+    if (labels < 0).any():
+        raise ValueError(f"{what} holds negative class ids ({labels.min()}); class ids start at 0.")
+    return labels.astype(np.int64)
+
+
+def _folder_labels(folder: str, files: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Labels as datasets' "imagefolder" builder (and so the trainer's --train_data_dir) assigns them.
+
+    The class of an image is the name of its parent folder and class ids follow the sorted names; a folder gives
+    labels only when every image lies at the same depth and there are at least two names.
+    """
+    parents = [os.path.basename(os.path.dirname(name)) for name in files]
+    names = sorted(set(parents))
+    if len({name.count(os.sep) for name in files}) != 1 or "" in names or len(names) < 2:
+        raise NoLabelsError(
+            f"{folder!r} has no class subfolders (found {names[:5]}); lay the images out as <folder>/<class "
+            "name>/<image>, as for --train_data_dir, to judge samples by class."
+        )
+    ids = {name: i for i, name in enumerate(names)}
+    return np.array([ids[parent] for parent in parents], np.int64), names
+
+
+def _npz_labels(path: str, num_images: int) -> np.ndarray:
+    with np.load(path) as data:
+        if "arr_1" not in data.files:
+            raise NoLabelsError(
+                f"{path!r} has no class labels (arr_1); `dit-hf sample-eval` writes them for conditional models."
+            )
+        return _check_label_array(data["arr_1"], num_images, f"arr_1 of {path!r}")
+
+
+def open_labelled_source(
+    spec: str,
+    resolution: int | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    num_workers: int = 8,
+) -> LabelledImages:
+    """The images of [`open_image_source`]`(spec, ...)` with their class labels, read from:
+
+    - `"digits"`: the digit each image shows;
+    - an image folder: its class subfolders, `<folder>/<class name>/<image>`, ids in sorted-name order as the
+      trainer's --train_data_dir (datasets' "imagefolder") numbers them;
+    - a `datasets` Hub id or `save_to_disk` folder: `label_column` (default as in [`dit_hf.data.resolve_columns`]);
+    - an `.npz`: `arr_1`, as `dit-hf sample-eval` writes it.
+
+    Raises [`NoLabelsError`] (a `ValueError`) when the images carry no labels.
+    """
+    _check_resolution(resolution)
+    if spec == "digits":
+        labels = np.asarray(load_digits_dataset()["label"], np.int64)
+        return LabelledImages(_digits_source(resolution), labels, [str(i) for i in range(10)])
+    if os.path.isdir(spec) and not _is_saved_dataset(spec):
+        source = _folder_source(spec, resolution, num_workers)
+        labels, names = _folder_labels(spec, image_files(spec))
+        if len(labels) != source.num_images:  # the folder changed between the two listings
+            raise ValueError(f"{spec!r} changed while it was read; run again once it stays the same.")
+        return LabelledImages(source, labels, names)
+    if os.path.isfile(spec):
+        if spec.endswith(".npz") and "arr_0" not in npz_members(spec):
+            raise NoLabelsError(
+                f"{spec!r} holds statistics, not labelled images; pass the real images to judge samples by class."
+            )
+        source = open_image_source(spec, resolution)
+        return LabelledImages(source, _npz_labels(spec, source.num_images))
+    ds = _load_dataset(spec, split)
+    image_column, label_column = resolve_columns(ds, image_column, label_column)
+    if label_column is None:
+        raise NoLabelsError(
+            f"Dataset {spec!r} has no label column (columns: {list(ds.features)}); pass --label_column NAME."
+        )
+    names = class_names(ds, label_column)
+    check_labels(ds, label_column, len(names))
+    labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[label_column], np.int64)
+    return LabelledImages(_dataset_source(ds, spec, split, image_column, resolution), labels, names)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -775,8 +925,10 @@ def evaluate_samples(
     seed: int = 0,
     resolution: int | None = None,
     cache_dir: str | None = None,
+    labels=None,
+    class_probe=None,
 ) -> dict:
-    """FID, Inception Score and precision/recall of generated samples against a reference.
+    """FID, Inception Score, precision/recall and class consistency of generated samples against a reference.
 
     Args:
         samples: uint8 images (see [`as_uint8_nhwc`]), an [`ImageSource`], or their [`FeatureStats`] with features.
@@ -786,10 +938,14 @@ def evaluate_samples(
         k (`int`, defaults to 3), max_pr_samples (`int`, *optional*): see [`precision_recall`].
         seed (`int`, defaults to 0): for the IS permutation and the precision/recall subsets.
         resolution (`int`, *optional*), cache_dir (`str`, *optional*): passed to [`reference_stats`].
+        labels (*optional*), class_probe ([`dit_hf.class_probe.ClassProbe`], *optional*): the class each sample was
+            generated for and the probe of the real labelled images ([`dit_hf.class_probe.fit_class_probe`]).
 
     Returns a dict with "fid", "inception_score", "inception_score_std", "precision", "recall", "num_samples",
     "num_reference" and "unavailable": {metric: reason} for each metric that is `None` (e.g. no IS without a head
-    file, no precision/recall against statistics saved without features).
+    file, no precision/recall against statistics saved without features). With `labels` or `class_probe` it also
+    holds "class_accuracy" (the fraction of samples the probe assigns to their label) and
+    "probe_held_out_accuracy" (the probe's accuracy on held-out real images: the number to read it against).
     """
     extractor = extractor or InceptionExtractor()
     sample_stats = samples if isinstance(samples, FeatureStats) else compute_stats(samples, extractor)
@@ -805,6 +961,8 @@ def evaluate_samples(
         "num_reference": reference.num_images,
         "unavailable": {},
     }
+    if labels is not None or class_probe is not None:
+        _class_consistency(result, sample_stats, labels, class_probe)
     if sample_stats.features is None:
         reason = "the sample statistics hold no features"
         result["unavailable"].update(inception_score=reason, precision=reason, recall=reason)
@@ -822,3 +980,18 @@ def evaluate_samples(
             reference.features, sample_stats.features, k, max_pr_samples, seed, device=extractor.device
         )
     return result
+
+
+def _class_consistency(result: dict, sample_stats: FeatureStats, labels, class_probe) -> None:
+    result["class_accuracy"] = None
+    result["probe_held_out_accuracy"] = None if class_probe is None else class_probe.held_out_accuracy
+    if class_probe is None:
+        reason = "no probe of labelled real images; pass a reference with class labels"
+    elif labels is None:
+        reason = "the samples carry no class labels"
+    elif sample_stats.features is None:
+        reason = "the sample statistics hold no features"
+    else:
+        result["class_accuracy"] = class_probe.accuracy(sample_stats, labels)
+        return
+    result["unavailable"]["class_accuracy"] = reason

@@ -27,7 +27,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
-from .pipeline_dit import DiTPipeline, check_guidance_interval
+from .pipeline_dit import DiTPipeline, check_guidance_interval, check_guidance_scale
 
 DEFAULT_WEIGHTS = "transformer"
 EMA_PREFIX = "transformer_ema_"
@@ -295,7 +295,8 @@ def sample_for_eval(
         raise ValueError(f"`seed` must be >= 0, got {seed}.")
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {sorted(PRECISIONS)}, got {precision!r}.")
-    check_guidance_interval(guidance_interval)  # before any image is made
+    check_guidance_scale(guidance_scale)  # before any image is made
+    check_guidance_interval(guidance_interval)
     if labels is not None and labels not in LABEL_MODES:
         raise ValueError(f"`labels` must be one of {LABEL_MODES} or None, got {labels!r}.")
 

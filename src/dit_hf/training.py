@@ -22,6 +22,10 @@ import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+# accelerate reads these back with `torch.load(weights_only=False)`: a crafted one runs code on resume.
+CUSTOM_STATE_PATTERN = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+# Files that torch.load reads, i.e. pickles (accelerate's optimizer, scheduler, scaler and RNG states).
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -194,6 +198,49 @@ def check_checkpoint_config(checkpoint: str, model_config: dict, subfolder: str 
             f"Checkpoint {checkpoint} was trained with a different model ({lines}). Use the same model arguments "
             "to resume, or start a new run in another --output_dir."
         )
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The line of a `torch.load(weights_only=True)` error that says what was refused (not its advice to bypass)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refusal = [line for line in lines if "WeightsUnpickler error" in line]
+    return (refusal or lines or [type(error).__name__])[0]
+
+
+def check_checkpoint_files(checkpoint: str) -> None:
+    """Refuse a checkpoint holding a pickle that could run code when loaded, or that cannot be read; name the file.
+
+    accelerate writes the optimizer, LR scheduler, grad scaler and RNG states with `torch.save` and reads them with
+    `weights_only=True`, which refuses any object but tensors, plain containers and a few numpy types. A refused or
+    corrupt optimizer state would fail with a message that names no file, and a refused RNG state would be skipped
+    with an INFO line. Reading every such file here first (onto the meta device: no tensor data is read) turns both
+    into one clear error before anything is loaded. Pickled custom states (`custom_checkpoint_*.pkl`), which
+    accelerate reads with `weights_only=False`, are refused outright: the trainer writes none.
+    """
+    from accelerate.utils import load as accelerate_load
+
+    for root, dirs, files in os.walk(checkpoint):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if root == checkpoint and CUSTOM_STATE_PATTERN.match(name):
+                raise ValueError(
+                    f"Checkpoint file {path} is a pickled state that accelerate would load with weights_only=False, "
+                    "which can run code; dit-hf checkpoints hold none (the EMA is in the ema_* folders and "
+                    f"ema_state.json). Delete {path} if the checkpoint comes from an older dit-hf, or resume from a "
+                    "checkpoint you wrote yourself."
+                )
+            if not name.endswith(PICKLE_SUFFIXES):
+                continue
+            try:
+                # The same allow-list of globals as accelerate's own load; weights_only=True stated, not assumed.
+                accelerate_load(path, map_location="meta", weights_only=True)
+            except Exception as err:
+                raise ValueError(
+                    f"Checkpoint file {path} cannot be read safely ({_weights_only_reason(err)}): it is corrupt, or "
+                    "holds objects other than tensors and plain containers, which could run code when loaded. "
+                    "Resume from another checkpoint (--resume_from_checkpoint PATH)."
+                ) from None
 
 
 def atomic_checkpoint(accelerator, checkpoints_dir: str, step: int, write_extra) -> str:

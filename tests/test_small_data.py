@@ -1,0 +1,176 @@
+"""The offline glyphs data set, its judge, the small-data recipe and EMA warm-up."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchHeunDiscreteScheduler
+
+from dit_hf import DiTPipeline
+from dit_hf.ema import EMAModels
+from dit_hf.evaluation import ImageClassifier
+from dit_hf.glyphs import DEFAULT_CLASSES, font_paths, make_glyphs_dataset, render_glyphs
+from dit_hf.recipes import choose_recipe, estimate_hours, small_patch_size, token_warning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from test_train import tiny_vae  # noqa: E402
+
+import train_dit  # noqa: E402
+
+
+def test_glyphs_are_deterministic_balanced_and_the_splits_differ():
+    images, labels = render_glyphs(20, resolution=28)
+    again, _ = render_glyphs(20, resolution=28)
+    test, _ = render_glyphs(20, resolution=28, split="test")
+    assert images.shape == (20, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images, again)
+    assert not any(np.array_equal(a, b) for a in images for b in test)
+    assert np.bincount(labels).tolist() == [2] * len(DEFAULT_CLASSES)
+    # Every image holds a glyph: white strokes on black, neither empty nor filled.
+    ink = (images > 127).mean(axis=(1, 2))
+    assert ink.min() > 0.01 and ink.max() < 0.6
+    rgb, _ = render_glyphs(10, resolution=16, channels=3)
+    assert rgb.shape == (10, 16, 16, 3) and rgb.std(axis=(1, 2)).mean() > 10
+
+
+def test_glyph_fonts_ship_with_matplotlib_and_draw_every_class():
+    from PIL import Image, ImageDraw, ImageFont
+
+    for path in font_paths():
+        font = ImageFont.truetype(path, 40)
+        for char in DEFAULT_CLASSES:
+            canvas = Image.new("L", (64, 64))
+            ImageDraw.Draw(canvas).text((8, 4), char, fill=255, font=font)
+            assert np.asarray(canvas).sum() > 0, (os.path.basename(path), char)
+
+
+def test_glyphs_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        render_glyphs(2, split="val")
+    with pytest.raises(ValueError, match="channels"):
+        render_glyphs(2, channels=2)
+
+
+def test_make_glyphs_writes_image_folders_and_refuses_a_used_folder(tmp_path):
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=12, num_train=20, num_test=10)
+    classes = sorted(os.listdir(paths["train"]))
+    assert len(classes) == 10 and classes[0] == "0_A"
+    assert sum(len(os.listdir(os.path.join(paths["test"], c))) for c in classes) == 10
+    with pytest.raises(ValueError, match="not empty"):
+        make_glyphs_dataset(str(tmp_path / "g"), resolution=12, num_train=20, num_test=10)
+
+
+def test_image_classifier_judges_held_out_glyphs_and_not_shuffled_labels(tmp_path):
+    images, labels = render_glyphs(1000, resolution=28)
+    test, test_labels = render_glyphs(200, resolution=28, split="test")
+    judge = ImageClassifier.fit(images, labels, epochs=4)
+    accuracy = judge.accuracy(test, test_labels)
+    assert accuracy > 0.8
+    shuffled = np.random.default_rng(0).permutation(test_labels)
+    assert judge.accuracy(test, shuffled) < 0.3
+    judge.save(str(tmp_path / "judge.safetensors"))
+    loaded = ImageClassifier.load(str(tmp_path / "judge.safetensors"))
+    assert np.array_equal(loaded.predict(test), judge.predict(test))
+    with pytest.raises(ValueError, match="1-channel 28 px"):
+        judge.predict(np.zeros((2, 8, 8), dtype=np.uint8))
+
+
+def test_recipe_choice_by_data_and_resolution():
+    assert choose_recipe("auto", has_data=False, has_vae=False, resolution=None, native=None) == "digits"
+    assert choose_recipe("auto", has_data=True, has_vae=True, resolution=None, native=512) == "paper"
+    assert choose_recipe("auto", has_data=True, has_vae=False, resolution=None, native=28) == "small"
+    assert choose_recipe("auto", has_data=True, has_vae=False, resolution=64, native=500) == "small"
+    with pytest.raises(ValueError, match="No recipe trains 256 px images in pixel space: pass --vae"):
+        choose_recipe("auto", has_data=True, has_vae=False, resolution=None, native=256)
+    assert choose_recipe("paper", has_data=True, has_vae=False, resolution=None, native=256) == "paper"
+    assert [small_patch_size(r) for r in (8, 16, 28, 32, 48, 64)] == [1, 2, 4, 4, 6, 8]
+
+
+def test_few_tokens_warn_with_the_fix():
+    assert token_warning(8, 2) is None  # the digits default: 16 tokens
+    assert "use --patch_size 2" in token_warning(8, 4)
+    # DiT-XL/2 on 28 px for a day's worth of steps: 710 GFLOP-class steps at a CPU's 100 GFLOP/s are days.
+    assert estimate_hours(7.1e11, 400_000 * 256, 1e11) > 24
+
+
+def test_small_data_recipe_is_picked_for_a_folder_of_small_images(tmp_path):
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=40, num_test=10)
+    args = train_dit.parse_args(["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "out")])
+    assert (args.recipe, args.resolution, args.image_channels, args.patch_size) == ("small", 16, 1, 2)
+    assert (args.objective, args.learn_sigma, args.ema_warmup, args.random_flip) == ("flow", False, True, False)
+    assert args.sample_scheduler == "euler"
+    # An explicit flag wins over the recipe, and a sampler that cannot sample the objective is refused.
+    args = train_dit.parse_args(
+        ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), "--objective", "ddpm_eps"]
+    )
+    assert (args.objective, args.learn_sigma, args.sample_scheduler) == ("ddpm_eps", True, "ddpm")
+    with pytest.raises(ValueError, match="cannot sample a flow model"):
+        train_dit.parse_args(
+            ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), "--sample_scheduler", "ddim"]
+        )
+
+
+def test_paper_recipe_on_a_cpu_is_refused_when_picked_automatically(tmp_path, monkeypatch):
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=20, num_test=10)
+    vae = tiny_vae(tmp_path / "vae")
+    common = ["--train_data_dir", paths["train"], "--vae", str(vae), "--resolution", "16", "--report_to", "none"]
+    common += ["--train_batch_size", "4"]
+    with pytest.raises(ValueError, match="'paper' recipe's DiT-XL/2 .* would take about .* on 1 CPU"):
+        train_dit.main(
+            train_dit.parse_args([*common, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "100000"])
+        )
+
+
+def test_ema_warmup_follows_the_schedule_and_is_off_by_default():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    plain, warm = EMAModels(model, "0.999"), EMAModels(model, "0.999", warmup=True)
+    assert [warm.decay_at(0.999, n) for n in (0, 90, 10_000)] == [0.1, 0.91, 0.999]
+    assert plain.decay_at(0.999, 0) == 0.999
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    plain.update(model)
+    warm.update(model)
+    assert plain.averaged_model(model).weight[0, 0].item() == pytest.approx(0.001)
+    assert warm.averaged_model(model).weight[0, 0].item() == pytest.approx(0.9)
+
+
+def test_saved_pipeline_samples_with_the_settings_the_run_validated_with(tmp_path):
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=32, num_test=10)
+    out = tmp_path / "out"
+    tiny = [
+        "--hidden_size",
+        "32",
+        "--depth",
+        "2",
+        "--num_heads",
+        "2",
+        "--train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+    ]
+    settings = ["--num_inference_steps", "3", "--guidance_scale", "1.5", "--sample_scheduler", "heun"]
+    train_dit.main(
+        train_dit.parse_args(
+            ["--train_data_dir", paths["train"], "--output_dir", str(out), "--max_train_steps", "2", *tiny, *settings]
+        )
+    )
+    pipe = DiTPipeline.from_pretrained(out)
+    assert (pipe.config.default_num_inference_steps, pipe.config.default_guidance_scale) == (3, 1.5)
+    assert isinstance(pipe.scheduler, FlowMatchHeunDiscreteScheduler)
+    default = pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="np").images
+    explicit = pipe(
+        [0, 1], num_inference_steps=3, guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+    other = pipe(
+        [0, 1],
+        num_inference_steps=50,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert np.array_equal(default, explicit) and not np.allclose(default, other)
