@@ -615,8 +615,9 @@ def main(args: argparse.Namespace) -> dict:
     patch_size = args.patch_size or preset["patch_size"]
     check_resolution(args.resolution, patch_size, latent_factor)
     sample_size = args.resolution // latent_factor
-    if token_warning(sample_size, patch_size):
-        logger.warning(token_warning(sample_size, patch_size))
+    few_tokens = token_warning(sample_size, patch_size)
+    if few_tokens:
+        logger.warning(few_tokens)
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     flops_per_sample = dit_train_flops_per_sample(
         args.hidden_size or preset["hidden_size"], args.depth or preset["depth"], (sample_size // patch_size) ** 2

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dit_hf import DiTModel, DiTPipeline  # noqa: E402
 from dit_hf.evaluation import ImageClassifier  # noqa: E402
 from dit_hf.glyphs import make_glyphs_dataset  # noqa: E402
+from dit_hf.metrics import InceptionExtractor, compute_stats, fid_from_stats  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -99,8 +100,6 @@ class Scorer:
     """Judge accuracy and FID against the held-out images, with the real-vs-real floor at the same N."""
 
     def __init__(self, data: dict, num_eval: int):
-        from dit_hf.metrics import InceptionExtractor, compute_stats, fid_from_stats
-
         self.data, self.n = data, num_eval
         self.extractor = InceptionExtractor(batch_size=50)
         rng = np.random.default_rng(0)
@@ -108,8 +107,6 @@ class Scorer:
         train_idx = rng.permutation(len(data["train"][0]))[:num_eval]
         self.reference = compute_stats(data["test"][0][test_idx], self.extractor)
         real = compute_stats(data["train"][0][train_idx], self.extractor)
-        self._fid = fid_from_stats
-        self._stats = compute_stats
         self.real_fid = fid_from_stats(real, self.reference)
         self.num_classes = int(data["train"][1].max()) + 1
 
@@ -118,7 +115,7 @@ class Scorer:
         start = time.perf_counter()
         images = generate(pipe, labels, **call)
         seconds = time.perf_counter() - start
-        fid = self._fid(self._stats(images, self.extractor), self.reference)
+        fid = fid_from_stats(compute_stats(images, self.extractor), self.reference)
         accuracy = self.data["judge"].accuracy(images, labels)
         return {"accuracy": accuracy, "fid": fid, "fid_ratio": fid / self.real_fid, "sample_s": round(seconds, 1)}
 
