@@ -54,6 +54,7 @@ from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
+from dit_hf.ownership import check_output_dir_use, own_output_dir
 from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, check_guidance_scale, image_grid
 from dit_hf.recipes import (
     RECIPE_DEFAULTS,
@@ -65,17 +66,18 @@ from dit_hf.recipes import (
     small_patch_size,
     token_warning,
 )
+from dit_hf.resume import apply_optimizer_settings, check_resume, describe_change, save_run_config
 from dit_hf.training import (
     EpochSampler,
     StepRandomness,
     TrainerState,
+    WriteFailedError,
     atomic_checkpoint,
-    check_checkpoint_config,
-    check_checkpoint_files,
     dit_train_flops_per_sample,
     make_adamw,
     num_update_steps,
     prune_checkpoints,
+    reporting_write_failures,
     resolve_resume_path,
     sample_offset,
     wandb_has_credentials,
@@ -210,6 +212,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--checkpointing_steps", type=int, default=None)
     out.add_argument("--checkpoints_total_limit", type=int, default=None)
     out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    out.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Delete the outputs of an earlier run in --output_dir (checkpoints, metrics, samples) and start over.",
+    )
     out.add_argument("--report_to", default="wandb", choices=("wandb", "tensorboard", "all", "none"))
     out.add_argument("--tracker_project_name", default="dit-hf")
     out.add_argument("--logging_steps", type=int, default=10)
@@ -327,6 +334,7 @@ def validate_args(args):
     if args.repa_encoder and not args.repa_coeff > 0:
         raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {args.repa_coeff}.")
     check_output_dir(args.output_dir)
+    check_output_dir_use(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
 def check_output_dir(output_dir: str):
@@ -555,6 +563,12 @@ def requested_precision(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    # The run owns --output_dir (lock file) while it trains, also when it fails.
+    with own_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir):
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> dict:
     start_time = time.time()
     logging_dir = os.path.join(args.output_dir, "logs")
     fp8 = requested_precision(args) == "fp8"
@@ -756,15 +770,20 @@ def main(args: argparse.Namespace) -> dict:
     checkpoints_dir = os.path.join(args.output_dir, "checkpoints")
     state = TrainerState()
     if args.resume_from_checkpoint:
-        path = resolve_resume_path(args.resume_from_checkpoint, checkpoints_dir)
+        # Verified against its manifest; `latest` skips (and names) corrupt checkpoints.
+        path = resolve_resume_path(args.resume_from_checkpoint, checkpoints_dir, warn=logger.warning)
         if path is None:
             logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints_dir)
         else:
-            check_checkpoint_config(path, dict(accelerator.unwrap_model(model).config))
-            check_checkpoint_files(path)  # before anything is unpickled
+            model_config = dict(accelerator.unwrap_model(model).config)
+            state, warnings, changed = check_resume(path, args, model_config, accelerator.num_processes)
+            for warning in warnings:
+                logger.warning(warning)
             accelerator.load_state(path)
-            state = TrainerState.load(path)
             load_ema(ema, path, num_updates=state.global_step - state.skipped_steps)
+            apply_optimizer_settings(optimizer, lr_scheduler, args, changed)
+            for change in changed:
+                logger.info(describe_change(*change))
             logger.info("Resumed from %s at step %d.", path, state.global_step)
 
     setup_trackers(args, accelerator)
@@ -793,6 +812,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def write_checkpoint_extras(directory):
         save_ema(ema, directory, ema_model)
+        save_run_config(args, directory)
         state.save(directory)
 
     logger.info(
@@ -974,9 +994,10 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         refresh_plots(args.output_dir, plot_clock, force=True)
         pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
-        pipe.save_pretrained(args.output_dir)
-        for i, decay in enumerate(ema.decays[1:], start=1):
-            ema_model(i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
+        with reporting_write_failures(args.output_dir, "the final pipeline"):  # checkpoints stay intact
+            pipe.save_pretrained(args.output_dir)
+            for i, decay in enumerate(ema.decays[1:], start=1):
+                ema_model(i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
         all_classes = list(range(num_classes)) if num_classes else None
         images, labels, grid = sample_grid(pipe, all_classes, args.num_samples_per_class, args, accelerator.device)
         grid_path = os.path.join(args.output_dir, "samples.png")
@@ -1024,5 +1045,8 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as err:
         print(f"train_dit.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except WriteFailedError as err:
+        print(f"train_dit.py: error: {err.strerror}", file=sys.stderr)
+        sys.exit(1)
     if summary.get("pushed") is False:
         sys.exit(1)

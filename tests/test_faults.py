@@ -72,9 +72,11 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(trained, tmp_path, name, fm
     assert not os.path.exists(out / "checkpoints" / "checkpoint-3")  # refused before any training
 
 
-def test_corrupt_state_file_is_named(trained, tmp_path):
+def test_corrupt_state_file_is_named_without_a_manifest(trained, tmp_path):
+    """A checkpoint of an older dit-hf (no manifest) still has every state file read safely, by name, first."""
     out = tmp_path / "run"
     shutil.copytree(trained, out)
+    (out / "checkpoints" / "checkpoint-2" / "manifest.json").unlink()
     target = out / "checkpoints" / "checkpoint-2" / "optimizer.bin"
     target.write_bytes(target.read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match=f"Checkpoint file {target} cannot be read safely"):

@@ -10,15 +10,23 @@ Two choices make runs reproducible across interruptions and process counts:
   accumulation steps.
 """
 
+import errno
 import json
+import logging
 import math
 import netrc
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 
 import torch
+
+from .manifest import MANIFEST, CorruptCheckpointError, verify_manifest, write_manifest
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -140,8 +148,30 @@ class TrainerState:
 
     @classmethod
     def load(cls, directory: str) -> "TrainerState":
-        with open(os.path.join(directory, TRAINER_STATE)) as f:
-            return cls(**json.load(f))
+        """Read the state back, refusing one that is empty, partial or malformed (it would restart at step 0)."""
+        path = os.path.join(directory, TRAINER_STATE)
+        known = {f.name for f in fields(cls)}
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+            counts = {"global_step", "epoch", "samples_in_epoch"}
+            missing = sorted(counts - set(saved))
+            unknown = sorted(set(saved) - known)
+            wrong = sorted(k for k in counts & set(saved) if type(saved[k]) is not int or saved[k] < 0)
+            if missing or unknown or wrong:
+                raise ValueError(f"missing {missing}, unknown {unknown}, not a count >= 0 {wrong}")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} is missing: {directory} is not a complete checkpoint. Resume from another one."
+            ) from None
+        except ValueError as err:  # json.JSONDecodeError included
+            raise ValueError(
+                f"Checkpoint file {path} cannot be read fully ({err}): the checkpoint is damaged and would restart "
+                "training at the wrong step. Resume from another checkpoint (--resume_from_checkpoint PATH)."
+            ) from None
+        return cls(**saved)
 
 
 def list_checkpoints(checkpoints_dir: str) -> list[tuple[int, str]]:
@@ -157,11 +187,65 @@ def list_checkpoints(checkpoints_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def resolve_resume_path(resume_from_checkpoint: str, checkpoints_dir: str) -> str | None:
-    """`latest` -> the newest complete checkpoint (None if there is none yet); a path -> that checkpoint."""
+def checkpoint_folders(checkpoints_dir: str) -> list[tuple[int, str]]:
+    """Every `checkpoint-N` folder, complete or not, as sorted (step, path) pairs."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoints_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        path = os.path.join(checkpoints_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def verify_checkpoint(path: str, warn: Callable[[str], None] | None = None) -> None:
+    """Check `path` against its manifest (raises [`CorruptCheckpointError`] naming the file); warn if it has none."""
+    if not verify_manifest(path):
+        if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            raise CorruptCheckpointError(
+                f"Checkpoint {path} is incomplete: it has neither a manifest nor {TRAINER_STATE}."
+            )
+        (warn or logger.warning)(
+            f"Checkpoint {path} has no manifest (written by an older dit-hf): its files cannot be verified."
+        )
+
+
+def latest_verified_checkpoint(checkpoints_dir: str, warn: Callable[[str], None] | None = None) -> str | None:
+    """The newest checkpoint whose files match its manifest; corrupt ones are reported (by file) and skipped.
+
+    None when the folder holds no checkpoint at all. When there are checkpoints but none verifies, raises a
+    ValueError listing each one's problem: starting over silently would overwrite them.
+    """
+    warn = warn or logger.warning
+    problems = []
+    for _, path in reversed(checkpoint_folders(checkpoints_dir)):
+        try:
+            verify_checkpoint(path, warn)
+        except CorruptCheckpointError as err:
+            warn(f"Skipping checkpoint {path}: {err}")
+            problems.append(str(err))
+            continue
+        return path
+    if problems:
+        raise ValueError(
+            f"No checkpoint in {checkpoints_dir} can be resumed: {' '.join(problems)} Resume from a copy of a good "
+            "checkpoint (--resume_from_checkpoint PATH), or start over with --overwrite_output_dir."
+        )
+    return None
+
+
+def resolve_resume_path(
+    resume_from_checkpoint: str, checkpoints_dir: str, warn: Callable[[str], None] | None = None
+) -> str | None:
+    """`latest` -> the newest verified checkpoint (None if there is none yet); a path -> that checkpoint, verified.
+
+    A named checkpoint that fails verification is refused with the file; one without a manifest (older dit-hf)
+    loads with a warning.
+    """
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1][1] if found else None
+        return latest_verified_checkpoint(checkpoints_dir, warn)
     path = resume_from_checkpoint
     if not os.path.isdir(path) and os.path.isdir(os.path.join(checkpoints_dir, path)):
         path = os.path.join(checkpoints_dir, path)
@@ -170,11 +254,17 @@ def resolve_resume_path(resume_from_checkpoint: str, checkpoints_dir: str) -> st
             f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such checkpoint folder. Pass 'latest' or a "
             f"folder like {os.path.join(checkpoints_dir, 'checkpoint-1000')}."
         )
-    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE)) and not os.path.isfile(os.path.join(path, MANIFEST)):
         raise ValueError(
             f"--resume_from_checkpoint {path!r} is not a complete checkpoint (no {TRAINER_STATE}); it may be from an "
             "interrupted save. Pass 'latest' to use the newest complete one."
         )
+    try:
+        verify_checkpoint(path, warn)
+    except CorruptCheckpointError as err:
+        raise ValueError(
+            f"--resume_from_checkpoint {path}: {err} Pass 'latest' to use the newest checkpoint that verifies."
+        ) from None
     return path
 
 
@@ -243,12 +333,65 @@ def check_checkpoint_files(checkpoint: str) -> None:
                 ) from None
 
 
+# How torch.save (C++ streams) and safetensors report a failed write, e.g. a full disk, instead of an OSError.
+WRITE_FAILURE_MARKERS = ("basic_ios", "PytorchStreamWriter failed", "file write failed", "IoError", "No space left")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return True
+    stream_error = isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError"
+    return stream_error and any(marker in str(err) for marker in WRITE_FAILURE_MARKERS)
+
+
+def free_space(path: str) -> str:
+    """Free bytes on the file system holding `path` (or its nearest existing parent), in words."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        return f"{shutil.disk_usage(probe).free / 2**30:.2f} GiB free on {probe}"
+    except OSError:
+        return f"free space on {probe} unknown"
+
+
+class WriteFailedError(OSError):
+    """Writing a checkpoint or an export failed (disk full, quota, I/O error); the message names path and space."""
+
+
+def write_failure(path: str, what: str, err: BaseException) -> WriteFailedError:
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
+        cause = "the disk is full"
+    else:
+        cause = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    return WriteFailedError(
+        code or errno.EIO,
+        f"Could not write {what} to {path}: {cause} ({free_space(path)}). Free space or choose another "
+        "--output_dir, then resume with --resume_from_checkpoint latest.",
+    )
+
+
+@contextmanager
+def reporting_write_failures(path: str, what: str):
+    """Turn a failed write inside the block (OSError, or torch's 'basic_ios::clear') into a [`WriteFailedError`]."""
+    try:
+        yield
+    except WriteFailedError:
+        raise
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        raise write_failure(path, what, err) from err
+
+
 def atomic_checkpoint(accelerator, checkpoints_dir: str, step: int, write_extra) -> str:
     """Save the accelerate state into a hidden temporary folder, then rename it to `checkpoint-{step}`.
 
-    `write_extra(tmp_dir)` runs on the main process after `save_state` (trainer state, EMA folders). The trainer
-    state is written last, and only a renamed folder counts as a checkpoint, so a crash at any point leaves the
-    previous checkpoints and `latest` intact.
+    `write_extra(tmp_dir)` runs on the main process after `save_state` (trainer state, EMA folders). Once every
+    process has written its files, the main process writes the manifest (sizes and SHA-256 of all files) last; only
+    a renamed folder counts as a checkpoint, so a crash or a failed write (reported with the path and the free
+    space) at any point leaves the previous checkpoints and `latest` intact.
     """
     final = os.path.join(checkpoints_dir, f"checkpoint-{step}")
     tmp = os.path.join(checkpoints_dir, f".tmp-checkpoint-{step}")
@@ -257,14 +400,17 @@ def atomic_checkpoint(accelerator, checkpoints_dir: str, step: int, write_extra)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(tmp)
-        if accelerator.is_main_process:
-            write_extra(tmp)
+        with reporting_write_failures(tmp, f"checkpoint {step}"):
+            accelerator.save_state(tmp)
+            if accelerator.is_main_process:
+                write_extra(tmp)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_manifest(tmp)
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # re-saving a step (e.g. after a resume): swap, then drop the old copy
             old = os.path.join(checkpoints_dir, f".old-checkpoint-{step}")
