@@ -26,8 +26,8 @@ MEANING_SETTINGS = (
     "repa_encoder",
     "repa_projector_dim",
 )
-# Settings that only say how this invocation runs: never worth a line.
-INVOCATION_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "recipe_picked")
+# Settings that only say how this invocation runs (a run folder may be moved): never worth a line.
+INVOCATION_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "recipe_picked")
 # Optimizer hyperparameters kept in the optimizer state: a resume replaces the saved values with the new ones.
 OPTIMIZER_SETTINGS = {"adam_weight_decay": "weight_decay", "adam_epsilon": "eps"}
 
