@@ -198,9 +198,10 @@ def own_output_dir(output_dir: str, resume_from_checkpoint: str | None = None, o
     all of them go on or all raise the same ValueError.
     """
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-    state = PartialState()
+    # Initialised as the Accelerator created later will find it (it reuses this state rather than making its own).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     lock, error = None, None
     if state.is_main_process:
         try:
