@@ -24,6 +24,7 @@ from dit_hf.data import (
     resize_center_crop,
     resolve_columns,
     select_subset,
+    to_mode,
 )
 
 
@@ -393,3 +394,27 @@ def test_flat_layouts_keep_imagefolder_labels_and_fingerprint(image_folder, tmp_
     assert "label" not in load_folder(tmp_path / "flat", tmp_path).column_names  # unconditional, as documented
     write_images(tmp_path / "single", ["only/a.png", "only/b.png"])
     assert "label" not in load_folder(tmp_path / "single", tmp_path).column_names
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([0, 32768, 65535], [0, 128, 255]),  # 16-bit samples, as PIL opens many 16-bit PNG / TIFF files
+        ([0, 128, 255], [0, 128, 255]),  # 8-bit samples in a 32-bit image
+        ([0, 2**31 - 1, -5], [0, 127, 0]),  # the 32-bit range; negative values are black
+    ],
+)
+def test_32_bit_integer_images_are_scaled_to_8_bit_not_saturated(values, expected):
+    pixels = np.array([values], dtype=np.int32)
+    image = Image.fromarray(pixels)
+    assert image.mode == "I"
+    assert np.asarray(to_mode(image, "L")).tolist() == [expected]
+    assert np.asarray(to_mode(image, "RGB"))[0, :, 1].tolist() == expected
+
+
+def test_a_single_split_saved_with_save_to_disk_loads(tmp_path):
+    ds = load_digits_dataset().select(range(12))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_image_dataset(dataset_name=str(tmp_path / "saved"))
+    assert len(loaded) == 12 and loaded["label"] == ds["label"]
+    assert np.array_equal(np.asarray(loaded[3]["image"]), np.asarray(ds[3]["image"]))

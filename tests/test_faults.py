@@ -1,8 +1,12 @@
 """Hostile and unlucky inputs to the trainer: crafted pickles in checkpoints, secrets, odd data sets."""
 
+import errno
 import os
 import pickle
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +124,75 @@ def test_trainer_refuses_a_non_finite_guidance_scale_up_front(tmp_path, scale):
 
     with pytest.raises(ValueError, match=f"`guidance_scale` must be a finite number >= 0, got {scale}"):
         train_dit.parse_args(["--output_dir", str(tmp_path), "--guidance_scale", scale])
+
+
+def failing_writes(monkeypatch, module, name: str, where: str, error: Exception):
+    """Make `module.name` (a save function taking (obj, path, ...)) fail for paths containing `where`."""
+    real = getattr(module, name)
+
+    def save(obj, path, *args, **kwargs):
+        if where in str(path):
+            raise error
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, save)
+
+
+@pytest.mark.parametrize(
+    "error, cause",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+        # How torch.save's C++ stream reports a full disk.
+        (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0 basic_ios::clear"), "basic"),
+    ],
+)
+def test_a_full_disk_while_checkpointing_is_reported_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch, error, cause
+):
+    from dit_hf.manifest import verify_manifest
+    from dit_hf.training import WriteFailedError, list_checkpoints, resolve_resume_path
+
+    failing_writes(monkeypatch, torch, "save", ".tmp-checkpoint-4", error)
+    tmp = tmp_path / "checkpoints" / ".tmp-checkpoint-4"
+    with pytest.raises(WriteFailedError, match=f"Could not write checkpoint 4 to {tmp}: .*{cause}") as info:
+        run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    assert re.search(r"\(\d+\.\d\d GiB free on /", str(info.value)), str(info.value)
+    assert "--resume_from_checkpoint latest" in str(info.value)
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-2"]
+    assert verify_manifest(str(tmp_path / "checkpoints" / "checkpoint-2"))
+    assert resolve_resume_path("latest", str(tmp_path / "checkpoints")).endswith("checkpoint-2")
+    assert not (tmp_path / ".dit-hf.lock").exists()
+
+
+def test_a_full_disk_while_exporting_names_the_folder_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from dit_hf.manifest import verify_manifest
+    from dit_hf.training import WriteFailedError
+
+    failing_writes(
+        monkeypatch, safetensors.torch, "save_file", str(tmp_path / "transformer"), OSError(errno.ENOSPC, "full")
+    )
+    with pytest.raises(WriteFailedError, match=f"Could not write the final pipeline to {tmp_path}: the disk is full"):
+        run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    assert verify_manifest(str(tmp_path / "checkpoints" / "checkpoint-2"))
+    monkeypatch.undo()
+    summary = run(tmp_path, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")  # exports again
+    assert summary["steps"] == 2 and (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow  # a trainer subprocess: ~15 s on 2 cores
+def test_the_command_line_prints_a_write_failure_without_a_traceback(tmp_path):
+    """`python train_dit.py` into a folder that cannot take the checkpoint: one line, exit status 1."""
+    from test_train import ROOT, TINY_ARGS
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-1").write_text("a file where the checkpoint folder goes")
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "train_dit.py"), *TINY_ARGS, "--max_train_steps", "1",
+           "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert re.search(r"train_dit.py: error: Could not write checkpoint 1 to .*GiB free", result.stderr)

@@ -137,6 +137,11 @@ def label_by_top_folder(ds: datasets.Dataset, train_data_dir: str, image_column:
     return ds.add_column("label", ids, feature=feature)
 
 
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `datasets.Dataset.save_to_disk` (one split; a saved DatasetDict loads with load_dataset)."""
+    return os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     train_data_dir: str | None = None,
@@ -171,7 +176,11 @@ def load_image_dataset(
         raise ValueError(
             f"--dataset_config_name {dataset_config_name!r} needs --dataset_name; pass the dataset it configures."
         )
-    if dataset_name is not None:
+    if dataset_name is not None and is_saved_dataset(dataset_name):
+        # `Dataset.save_to_disk` writes a single split that `load_dataset` refuses; it needs `load_from_disk`.
+        ds = datasets.load_from_disk(dataset_name)
+        where = f"--dataset_name {dataset_name!r} (a saved Dataset)"
+    elif dataset_name is not None:
         ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
         where = f"--dataset_name {dataset_name!r} (config {dataset_config_name!r}, split {split!r})"
     elif train_data_dir is not None:
@@ -433,11 +442,26 @@ def drop_unreadable_images(
     return ds.select(np.flatnonzero(keep)), bad
 
 
+def integer_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit ("I;16*") or 32-bit ("I") integer image as 8-bit "L", scaled rather than clipped at 255 as PIL does.
+
+    16-bit modes scale 0..65535 to 0..255. A 32-bit "I" image carries no bit depth: PIL opens 16-bit PNG and TIFF
+    files as "I" in many versions, so values up to 65535 are read as 16-bit, up to 255 as 8-bit, and larger ones as
+    the full unsigned 32-bit range; negative values become 0.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535
+    else:
+        peak = values.max(initial=0)
+        top = 255 if peak <= 255 else 65535 if peak <= 65535 else 2**32 - 1
+    return Image.fromarray((values.clip(0, top) * (255 / top)).round().astype(np.uint8), mode="L")
+
+
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
     """Convert to "RGB" or "L"; transparent pixels are composited on white (the usual background of icons/renders)."""
-    if image.mode.startswith("I;16"):
-        # PIL clips 16-bit values to 255 when converting; rescale 0..65535 to 0..255 instead.
-        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8), mode="L")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = integer_to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
