@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
                 sys.executable, os.path.join(ROOT, "train_dit.py"), "--output_dir", out,
                 "--max_train_steps", str(args.steps), "--eval_steps", str(args.eval_every),
                 "--eval_samples", str(args.eval_samples), "--checkpointing_steps", str(args.steps),
-                "--validation_steps", "0", "--report_to", "none", *flags,
+                "--validation_steps", "0", "--report_to", "none", "--overwrite_output_dir", *flags,
             ]  # fmt: skip
             if args.inception:
                 cmd += ["--inception", args.inception]
