@@ -273,7 +273,7 @@ def damage_row(how: str, work: str, quick: bool) -> dict:
     newest = os.path.join(reference, "checkpoints", "checkpoint-4")
     files = sorted(os.path.relpath(os.path.join(r, n), newest) for r, _, names in os.walk(newest) for n in names)
     if quick:
-        files = [name for name in files if name in (MANIFEST, "optimizer.bin", WEIGHTS)]
+        files = [name for name in files if name in ("optimizer.bin", WEIGHTS)]
     result = row(how)
     for name in files:
         out = os.path.join(work, f"{how}-{name.replace(os.sep, '_')}")

@@ -86,11 +86,13 @@ def apply_optimizer_settings(optimizer, lr_scheduler, args, changed: list[tuple[
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper or the bare scheduler
     groups = optimizer.param_groups
     if "learning_rate" in names:
+        old_bases = list(scheduler.base_lrs)
         scheduler.base_lrs = [args.learning_rate] * len(groups)
         rates = []
-        for group, factor in zip(groups, scheduler.lr_lambdas):
+        for group, old_base in zip(groups, old_bases):
             group["initial_lr"] = args.learning_rate
-            group["lr"] = args.learning_rate * factor(scheduler.last_epoch)
+            # The schedule's factor at the saved step (current rate over base rate) times the new base rate.
+            group["lr"] = args.learning_rate * (group["lr"] / old_base if old_base else 1.0)
             rates.append(group["lr"])
         scheduler._last_lr = rates
     for flag, key in OPTIMIZER_SETTINGS.items():
