@@ -66,7 +66,13 @@ from dit_hf.recipes import (
     small_patch_size,
     token_warning,
 )
-from dit_hf.resume import apply_optimizer_settings, check_resume, describe_change, save_run_config
+from dit_hf.resume import (
+    apply_optimizer_settings,
+    check_resume,
+    describe_change,
+    resolve_resume_once,
+    save_run_config,
+)
 from dit_hf.training import (
     EpochSampler,
     StepRandomness,
@@ -78,7 +84,6 @@ from dit_hf.training import (
     num_update_steps,
     prune_checkpoints,
     reporting_write_failures,
-    resolve_resume_path,
     sample_offset,
     wandb_has_credentials,
     whole_batch_collate,
@@ -771,7 +776,7 @@ def train(args: argparse.Namespace) -> dict:
     state = TrainerState()
     if args.resume_from_checkpoint:
         # Verified against its manifest; `latest` skips (and names) corrupt checkpoints.
-        path = resolve_resume_path(args.resume_from_checkpoint, checkpoints_dir, warn=logger.warning)
+        path = resolve_resume_once(args.resume_from_checkpoint, checkpoints_dir, warn=logger.warning)
         if path is None:
             logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints_dir)
         else:

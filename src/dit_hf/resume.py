@@ -157,3 +157,26 @@ def check_resume(checkpoint: str, args, model_config: dict, num_processes: int):
 
 def describe_change(name: str, old, new) -> str:
     return f"Resumed with a changed setting: --{name} {old!r} -> {new!r} (applied)"
+
+
+def resolve_resume_once(resume_from_checkpoint: str, checkpoints_dir: str, warn=None) -> str | None:
+    """[`~training.resolve_resume_path`] on the main process only (verifying hashes reads every file of the
+    checkpoint), its answer or error shared with the other processes."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from .training import resolve_resume_path
+
+    state = PartialState()
+    answer = [None, None]
+    if state.is_main_process:
+        try:
+            answer = [resolve_resume_path(resume_from_checkpoint, checkpoints_dir, warn), None]
+        except (ValueError, FileNotFoundError) as err:
+            answer = [None, (isinstance(err, FileNotFoundError), str(err))]
+    if state.num_processes > 1:
+        answer = broadcast_object_list(answer)
+    if answer[1] is not None:
+        not_found, message = answer[1]
+        raise (FileNotFoundError if not_found else ValueError)(message)
+    return answer[0]
