@@ -72,7 +72,7 @@ def trainer_cmd(out, *extra) -> list[str]:
 
 
 def sample_eval_cmd(pipeline, out) -> list[str]:
-    return [sys.executable, "-m", "dit_hf.cli", "sample-eval", str(pipeline), "--num_samples", "48",
+    return [sys.executable, "-m", "dit_hf.cli", "sample-eval", str(pipeline), "--num_samples", "40",
             "--batch_size", "4", "--steps", "2", "--labels", "balanced", "--out", str(out)]  # fmt: skip
 
 
@@ -150,31 +150,73 @@ def save_tiny_vae(path: str):
 # ---- kill -9 ---------------------------------------------------------------------------------------------------
 
 
+def logged_steps(out: str) -> int:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return f.read().count("\n")
+
+
+def has_tmp_checkpoint(out: str) -> bool:
+    folder = os.path.join(out, "checkpoints")
+    return os.path.isdir(folder) and any(n.startswith(".tmp-checkpoint") for n in os.listdir(folder))
+
+
 def kill_settings(fault: str, work: str) -> dict:
-    """Arguments of the killed run, the moment to arm the kill, and the longest random delay after it."""
-    if fault == "kill_training":
-        extra = ["--max_train_steps", "40", "--checkpointing_steps", "4"]
-        return {"extra": extra, "armed": lambda out: os.path.isdir(os.path.join(out, "checkpoints")), "jitter": 2.0}
-    if fault == "kill_checkpointing":
-        # A checkpoint every step: most of the run is spent writing them.
-        extra = ["--max_train_steps", "30", "--checkpointing_steps", "1"]
-
-        def armed(out):
-            folder = os.path.join(out, "checkpoints")
-            return os.path.isdir(folder) and any(n.startswith(".tmp-checkpoint") for n in os.listdir(folder))
-
-        return {"extra": extra, "armed": armed, "jitter": 0.02}
-    if fault == "kill_cache":
+    """The killed run's arguments, and per trial: when to kill (a predicate on its folder) and a delay after it."""
+    if fault == "kill_training":  # at a random step (every step is logged)
+        return {
+            "extra": ["--max_train_steps", "40", "--checkpointing_steps", "4"],
+            "trial": lambda rng: (lambda out, k=rng.randint(1, 39): logged_steps(out) >= k, 0.0),
+        }
+    if fault == "kill_checkpointing":  # a checkpoint every step; killed while one is being written, at a random step
+        return {
+            "extra": ["--max_train_steps", "30", "--checkpointing_steps", "1"],
+            "trial": lambda rng: (
+                lambda out, k=rng.randint(1, 29): logged_steps(out) >= k and has_tmp_checkpoint(out),
+                0.0,
+            ),
+        }
+    if fault == "kill_cache":  # after the cache folder appears
         vae = os.path.join(work, "vae")
         if not os.path.isdir(vae):
             save_tiny_vae(vae)
         extra = ["--vae", vae, "--resolution", "16", "--image_channels", "3", "--max_train_samples", "64",
                  "--max_train_steps", "6", "--checkpointing_steps", "2"]  # fmt: skip
-        return {"extra": extra, "armed": lambda out: os.path.isdir(os.path.join(out, "cache")), "jitter": 0.3}
-    if fault == "kill_export":
-        extra = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--num_samples_per_class", "4"]
-        return {"extra": extra, "armed": lambda out: os.path.isdir(os.path.join(out, "transformer")), "jitter": 0.05}
+        return {
+            "extra": extra,
+            "trial": lambda rng: (lambda out: os.path.isdir(os.path.join(out, "cache")), rng.uniform(0, 0.2)),
+        }
+    if fault == "kill_export":  # after the exported transformer folder appears
+        return {
+            "extra": ["--max_train_steps", "6", "--checkpointing_steps", "2", "--num_samples_per_class", "4"],
+            "trial": lambda rng: (lambda out: os.path.isdir(os.path.join(out, "transformer")), rng.uniform(0, 0.1)),
+        }
     raise ValueError(fault)
+
+
+def kill_point(fault: str, out: str) -> str:
+    """Where a kill landed, read from what the killed run left behind."""
+    steps = [step for step, _ in checkpoint_steps(out)]
+    where = f"after step {logged_steps(out)}, checkpoints {steps[-1] if steps else 'none'}"
+    leftovers = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".tmp")) if (
+        os.path.isdir(os.path.join(out, "checkpoints"))
+    ) else []  # fmt: skip
+    if leftovers:
+        where += f", mid-write ({leftovers[0]} left behind)"
+    if fault == "kill_cache":
+        complete = os.path.isfile(os.path.join(out, "cache", "cache_info.json"))
+        where += ", cache complete" if complete else ", cache incomplete"
+    if fault == "kill_export":
+        where += ", export finished" if os.path.isfile(os.path.join(out, "summary.json")) else ", export unfinished"
+    return where
+
+
+def checkpoint_steps(out: str) -> list:
+    from dit_hf.training import checkpoint_folders
+
+    return checkpoint_folders(os.path.join(out, "checkpoints"))
 
 
 def kill_trainer_row(fault: str, work: str, trials: int, rng: random.Random) -> dict:
@@ -191,26 +233,19 @@ def kill_trainer_row(fault: str, work: str, trials: int, rng: random.Random) -> 
     result = row(fault)
     for trial in range(trials):
         out = os.path.join(work, f"{fault}-{trial}")
-        delay = rng.uniform(0, settings["jitter"])
+        armed, delay = settings["trial"](rng)
         cmd = trainer_cmd(out, *extra, *cache_args(out))
-        landed = kill_when(cmd, log, lambda out=out: settings["armed"](out), delay)
+        landed = kill_when(cmd, log, lambda out=out, armed=armed: armed(out), delay)
         before = verified_steps(out)
-        leftovers = (
-            sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".tmp"))
-            if (os.path.isdir(os.path.join(out, "checkpoints")))
-            else []
-        )
+        where = kill_point(fault, out)
         result["injected"] += int(landed)
         resumed = run_cmd(trainer_cmd(out, *extra, *cache_args(out), "--resume_from_checkpoint", "latest"), log)
         after = verified_steps(out)
         exact = resumed.returncode == 0 and same_weights(reference, out)
         result["recovered"] += int(landed and exact)
         result["lost"] += len(before - after)
-        where = f"after {max(before)} steps checkpointed" if before else "before the first checkpoint"
-        if leftovers:
-            where += f", mid-write ({leftovers[0]} left behind)"
         outcome = "bit-identical after resume" if exact else f"resume exit {resumed.returncode}, weights differ"
-        result["seen"].append(f"kill at +{delay:.3f} s {where}: {outcome}" if landed else "ran to the end first")
+        result["seen"].append(f"kill {where}: {outcome}" if landed else "ran to the end first")
     return result
 
 
@@ -352,15 +387,18 @@ def nan_row(work: str) -> dict:
 
 
 def two_runs_row(work: str) -> dict:
-    """A second run (resuming) and a third (--overwrite_output_dir) started on the folder of a running one."""
+    """A second run (resuming) and a third (--overwrite_output_dir) started on the folder of a running one.
+
+    The first run is long (5,000 steps); once both are refused it is killed, and its checkpoints must all verify,
+    its metrics hold each step once.
+    """
     out = os.path.join(work, "two-runs")
     log = os.path.join(work, "two_runs.log")
-    extra = ["--max_train_steps", "400", "--checkpointing_steps", "100"]
+    extra = ["--max_train_steps", "5000", "--checkpointing_steps", "20"]
     with open(log, "a") as f:
         first = subprocess.Popen(trainer_cmd(out, *extra), env=child_env(), stdout=f, stderr=subprocess.STDOUT)
-    lock = os.path.join(out, ".dit-hf.lock")
     deadline = time.time() + 300
-    while not os.path.isfile(lock) and first.poll() is None and time.time() < deadline:
+    while logged_steps(out) < 1 and first.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     result = row("two_runs")
     for flag in ("--resume_from_checkpoint latest", "--overwrite_output_dir"):
@@ -369,12 +407,20 @@ def two_runs_row(work: str) -> dict:
         result["injected"] += 1
         refused = second.returncode == 2 and f"in use by another run (pid {first.pid}" in second.stderr
         result["stopped"] += int(refused and first.poll() is None)
-        message = second.stderr.strip().splitlines()[-1] if second.stderr.strip() else ""
-        result["seen"].append(f"second run with {flag}: exit {second.returncode}, {message[:160]}")
-    first.wait(timeout=900)
-    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
-    result["lost"] = len({100, 200, 300, 400} - verified_steps(out)) + int(steps != sorted(set(steps)))
-    result["seen"].append(f"first run: exit {first.returncode}, checkpoints {sorted(verified_steps(out))} verified")
+        errors = [line for line in second.stderr.splitlines() if "error:" in line] or ["(no error line)"]
+        result["seen"].append(f"second run with {flag}: exit {second.returncode}, {errors[-1][:200]}")
+    running = first.poll() is None
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+    folders = {step for step, _ in checkpoint_steps(out)}
+    result["lost"] = len(folders - verified_steps(out)) + int(steps != sorted(set(steps)))
+    result["seen"].append(
+        f"first run {'still running' if running else 'ended'} after both; killed at step {len(steps)}: "
+        f"{len(folders)} checkpoints, all verified: {folders == verified_steps(out)}, steps logged once: "
+        f"{steps == sorted(set(steps))}"
+    )
     return result
 
 
