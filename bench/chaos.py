@@ -2,7 +2,7 @@
 """Fault injection against the real trainer and CLI on tiny settings (the embedded digits, a 2-block DiT, CPU).
 
     python bench/chaos.py                          # every fault, 3 kills at random points per kill row
-    python bench/chaos.py --faults nan,two_runs    # chosen rows, e.g. the NaN row again once a guard lands
+    python bench/chaos.py --faults nan --update    # one row again (e.g. once a NaN guard lands), the others kept
     python bench/chaos.py --faults truncate --quick  # the subset the tests run
 
 Faults: kill -9 at random points of training, of checkpoint writing, of latent-cache building, of the final export
@@ -72,7 +72,7 @@ def trainer_cmd(out, *extra) -> list[str]:
 
 
 def sample_eval_cmd(pipeline, out) -> list[str]:
-    return [sys.executable, "-m", "dit_hf.cli", "sample-eval", str(pipeline), "--num_samples", "40",
+    return [sys.executable, "-m", "dit_hf.cli", "sample-eval", str(pipeline), "--num_samples", "200",
             "--batch_size", "4", "--steps", "2", "--labels", "balanced", "--out", str(out)]  # fmt: skip
 
 
@@ -261,15 +261,19 @@ def kill_sample_eval_row(work: str, trials: int, rng: random.Random) -> dict:
     for trial in range(trials):
         out = os.path.join(work, f"sample-eval-{trial}")
         images = os.path.join(out, "images")
-        delay = rng.uniform(0, 0.5)
-        landed = kill_when(sample_eval_cmd(pipeline, out), log, lambda images=images: os.path.isdir(images), delay)
+        k = rng.randint(1, 199)  # killed once k of the 200 PNGs are written
+
+        def armed(images=images, k=k):
+            return os.path.isdir(images) and len(os.listdir(images)) >= k
+
+        landed = kill_when(sample_eval_cmd(pipeline, out), log, armed, 0.0)
         done = len(os.listdir(images)) if os.path.isdir(images) else 0
         result["injected"] += int(landed)
         resumed = run_cmd(sample_eval_cmd(pipeline, out), log)
         exact = resumed.returncode == 0 and same_npz(reference, out)
         result["recovered"] += int(landed and exact)
         outcome = "same .npz after rerun" if exact else f"rerun exit {resumed.returncode}, samples differ"
-        result["seen"].append(f"kill at +{delay:.3f} s with {done} PNGs written: {outcome}" if landed else "ran out")
+        result["seen"].append(f"kill with {done} of 200 PNGs written: {outcome}" if landed else "ran to the end first")
     return result
 
 
@@ -512,6 +516,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random kill points.")
     parser.add_argument("--work_dir", default=None, help="Scratch folder (default: a temporary one, deleted).")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "chaos.json"))
+    parser.add_argument(
+        "--update", action="store_true", help="Replace only the rows run now in an existing --out; keep the others."
+    )
     args = parser.parse_args(argv)
     faults = [f for f in args.faults.split(",") if f]
     unknown = sorted(set(faults) - set(FAULTS))
@@ -542,6 +549,11 @@ def main(argv: list[str] | None = None) -> dict:
     from common import environment
 
     env = environment(torch.device("cpu"))
+    if args.update and os.path.isfile(args.out):
+        with open(args.out) as f:
+            kept = {r["fault"]: r for r in json.load(f)["rows"]}
+        kept.update({r["fault"]: {**r, "date": env["date"]} for r in rows})
+        rows = [kept[f] for f in FAULTS if f in kept]
     payload = {"environment": env, "settings": vars(args), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
