@@ -51,6 +51,7 @@ from dit_hf.data import (
 from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
 from dit_hf.hub import refuse_token_arguments
+from dit_hf.init_from import add_init_arguments, check_init_args, init_model_from_args
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
@@ -170,6 +171,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--vae", default=None, help="AutoencoderKL repo id or path: train in its latent space.")
     model.add_argument("--vae_subfolder", default=None, help="E.g. 'vae' for a full pipeline repo.")
     model.add_argument("--cache_latents", default=None, metavar="DIR", help="Encode the data once into DIR.")
+    add_init_arguments(parser.add_argument_group("fine-tuning from released weights"))
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=None, help="Per process.")
@@ -326,6 +328,7 @@ def validate_args(args):
         args.eval_samples = 256
     if args.repa_encoder and not args.repa_coeff > 0:
         raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {args.repa_coeff}.")
+    check_init_args(args)
     check_output_dir(args.output_dir)
 
 
@@ -688,6 +691,8 @@ def main(args: argparse.Namespace) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = build_model(args, num_classes, in_channels, sample_size)
+        with accelerator.main_process_first():  # one download of Hub weights
+            init_model_from_args(model, args, names)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     objective = build_objective(args, (in_channels, sample_size, sample_size))
