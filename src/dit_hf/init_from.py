@@ -212,12 +212,18 @@ def mismatches(source: DiTModel, model: DiTModel) -> list[str]:
 def _refuse(source: str, source_model: DiTModel, model: DiTModel, lines: list[str]):
     shown = lines[:MAX_LISTED] + ([f"... and {len(lines) - MAX_LISTED} more"] if len(lines) > MAX_LISTED else [])
     keys = ("hidden_size", "depth", "patch_size", "in_channels", "mlp_ratio", "learn_sigma", "head_depth")
-    summary = ", ".join(f"{key} {source_model.config[key]} vs {model.config[key]}" for key in keys)
+    differing = [
+        f"{key} {source_model.config[key]} vs {model.config[key]}"
+        for key in keys
+        if source_model.config[key] != model.config[key]
+    ]
+    summary = f" (checkpoint vs model: {', '.join(differing)})" if differing else ""
+    listing = "\n  ".join(shown)
     raise ValueError(
-        f"--init_from {source}: the weights do not fit the model built from the flags (checkpoint vs model: "
-        f"{summary}). Only the class-label table may differ. Differences:\n  " + "\n  ".join(shown) + "\nChoose the "
-        "checkpoint's architecture (--model, --hidden_size, --depth, --num_heads, --patch_size, --learn_sigma, the "
-        "block options, and the channels of --vae / --image_channels)."
+        f"--init_from {source}: the weights do not fit the model built from the flags{summary}; only the "
+        f"class-label table may differ. Differences:\n  {listing}\nChoose the checkpoint's architecture (--model, "
+        "--hidden_size, --depth, --num_heads, --patch_size, --learn_sigma, the block options, and the channels of "
+        "--vae / --image_channels)."
     )
 
 
