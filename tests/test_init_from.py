@@ -119,6 +119,20 @@ def test_an_unconditional_model_starts_as_the_null_class_prediction(sources):
         torch.testing.assert_close(model.eval()(sample, timestep).sample, expected, rtol=0, atol=1e-6)
 
 
+def test_a_conditional_model_from_an_unconditional_one_starts_as_its_prediction(tmp_path):
+    source = released_model(num_classes=0, class_dropout_prob=0.0)
+    source.save_pretrained(tmp_path / "unconditional")
+    model = fresh_model(num_classes=3)
+    assert init_from_weights(model, str(tmp_path / "unconditional")) == {"null (unconditional checkpoint)": 4}
+    sample = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    timestep = torch.tensor([100, 300, 600, 900])
+    with torch.no_grad():
+        expected = source(sample, timestep).sample
+        torch.testing.assert_close(model.eval()(sample, timestep, torch.arange(4)).sample, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="is unconditional, it has no label table"):
+        init_from_weights(fresh_model(num_classes=3), str(tmp_path / "unconditional"), {"zero": 0}, NEW_CLASSES)
+
+
 def test_shape_and_config_mismatches_are_listed(sources):
     path, _ = sources["original"]
     with pytest.raises(ValueError) as err:

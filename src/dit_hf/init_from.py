@@ -17,11 +17,12 @@ row of the old table each new class starts from:
     --class_map "tabby=281,golden retriever=207,goldfish=1"      # inline: NEW_CLASS=OLD_INDEX, comma-separated
     --class_map class_map.json                                   # {"tabby": 281, "golden retriever": 207, ...}
 
-NEW_CLASS is a class name of the training data (a folder name, a `ClassLabel` name, or the label id of integer
-labels); OLD_INDEX is a row of the old table (an ImageNet class id for the DiT release). New classes left out of the
-map start from the old null-class row (`--class_map_unmapped null`, the default: they begin as the old model's
-unconditional prediction, which fine-tuning then specialises) or from the new model's random initialisation (`fresh`).
-The null-class row that classifier-free guidance uses is always copied from the old table.
+NEW_CLASS is a class name of the training data (a folder name, a `ClassLabel` name, or the label id of integer labels;
+a name with a comma needs the JSON file); OLD_INDEX is a row of the old table (an ImageNet class id for the DiT
+release). New classes left out of the map start from the old null-class row (`--class_map_unmapped null`, the default:
+they begin as the old model's unconditional prediction, which fine-tuning then specialises) or from the new model's
+random initialisation (`fresh`). The null-class row that classifier-free guidance uses is always copied from the old
+table.
 """
 
 import json
