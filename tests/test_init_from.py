@@ -236,11 +236,15 @@ def test_trainer_fine_tunes_a_released_checkpoint_to_three_classes_and_resume_wi
         tmp_path / "out" / "checkpoints" / "checkpoint-1" / "transformer" / "diffusion_pytorch_model.safetensors"
     )
     old, new = source.state_dict()[TABLE], weights[TABLE]
-    ids = DiTPipeline.from_pretrained(tmp_path / "out").labels  # name -> label id (folders in sorted order)
+    pipe = DiTPipeline.from_pretrained(tmp_path / "out")
+    ids = pipe.labels  # name -> label id (folders in sorted order)
     assert ids == {"one": 0, "seven": 1, "zero": 2}
     assert torch.equal(new[ids["zero"]], old[0]) and torch.equal(new[ids["seven"]], old[7])
     assert torch.equal(new[ids["one"]], old[10]) and torch.equal(new[3], old[10])  # unmapped, and the null row
     assert all(torch.equal(weights[name], tensor) for name, tensor in source.state_dict().items() if name != TABLE)
+    # The EMA (the saved pipeline) starts from the loaded weights too.
+    ema = pipe.transformer.state_dict()
+    assert all(torch.allclose(ema[name], weights[name], rtol=0, atol=1e-6) for name in weights)
 
     # The same command again resumes its checkpoint: --init_from is not applied a second time.
     def not_again(*args, **kwargs):

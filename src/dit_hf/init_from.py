@@ -329,8 +329,6 @@ def init_from_weights(
     replaced, counts = class_table(source_model, model, resolved, unmapped)
     state_dict = {name: tensor for name, tensor in source_model.state_dict().items() if name != CLASS_TABLE}
     state_dict.update(replaced)
-    if model.y_embedder is not None and CLASS_TABLE not in state_dict:
-        state_dict[CLASS_TABLE] = model.y_embedder.embedding_table.weight.detach().clone()
     model.load_state_dict(state_dict, strict=True)
     if source_model.config.sample_size != model.config.sample_size:
         logger.info(
@@ -338,7 +336,7 @@ def init_from_weights(
             source_model.config.sample_size,
             model.config.sample_size,
         )
-    logger.warning("Initialised the model from %s; label rows: %s.", described, counts or "none")
+    logger.info("Initialised the model from %s; label rows: %s.", described, counts or "none")
     return counts
 
 
