@@ -20,6 +20,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+# Compute dtypes by precision name: accelerate's `mixed_precision` ("no", "fp16", "bf16", "fp8": bf16 outside the
+# FP8 matmuls) and the benchmarks' "fp32".
+PRECISION_DTYPES = {
+    "no": torch.float32,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp8": torch.bfloat16,
+}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 # accelerate reads these back with `torch.load(weights_only=False)`: a crafted one runs code on resume.
@@ -287,15 +296,6 @@ def prune_checkpoints(checkpoints_dir: str, total_limit: int | None) -> list[str
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
-
-
-def whole_batch_collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`collate_fn` for data sets whose `__getitems__` returns a whole batch (a dict of stacked tensors) at once."""
-    if not isinstance(batch, dict):
-        raise TypeError(
-            "This collate_fn expects the dict made by the data set's __getitems__ (a whole batch), not a list."
-        )
-    return batch
 
 
 # Devices with a fused AdamW kernel: one launch per step on CUDA; on CPU a vectorised loop that is 4.5× faster than
