@@ -114,6 +114,7 @@ def build_model(config: TrainConfig, num_classes: int, in_channels: int, sample_
 
 def build_objective(config: TrainConfig, sample_shape: tuple[int, int, int]):
     auto = config.time_shift == "auto"
+    shift = shift_for_dimension(math.prod(sample_shape)) if auto else float(config.time_shift)
     return make_objective(
         config.objective,
         learn_sigma=config.learn_sigma,
@@ -122,7 +123,7 @@ def build_objective(config: TrainConfig, sample_shape: tuple[int, int, int]):
         timestep_sampling=config.timestep_sampling,
         logit_mean=config.logit_mean,
         logit_std=config.logit_std,
-        shift=shift_for_dimension(math.prod(sample_shape)) if auto else float(config.time_shift),
+        shift=shift,
     )
 
 

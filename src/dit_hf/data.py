@@ -24,6 +24,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from .collate import whole_batch_collate
+
 # Columns tried, in order, when --image_column / --label_column are not given (the names used by Hub image datasets).
 DEFAULT_IMAGE_COLUMNS = ("image", "img")
 DEFAULT_LABEL_COLUMNS = ("label", "labels", "class", "class_label")
@@ -540,15 +542,6 @@ def physical_memory_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
-
-
-def whole_batch_collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`collate_fn` for data sets whose `__getitems__` returns a whole batch (a dict of stacked tensors) at once."""
-    if not isinstance(batch, dict):
-        raise TypeError(
-            "This collate_fn expects the dict made by the data set's __getitems__ (a whole batch), not a list."
-        )
-    return batch
 
 
 class CachedImages(torch.utils.data.Dataset):
