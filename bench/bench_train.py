@@ -3,10 +3,11 @@
 
 Both models carry the same weights (dit-hf's model exported with `dit_to_diffusers`) and run the same full training
 step: the DiT objective (ε-MSE + learned-variance VLB, `DDPMObjective`), then the trainer's own `update_step`
-(backward, AdamW fused as the trainer builds it, gradient clipping off) and an EMA update (`EMAModels`). Only the
-model differs, so the ratio is the model's. `--fp8 dit-hf` runs the blocks' token-wise matmuls of dit-hf in FP8 (torchao; `--fp8 dit-hf,diffusers`
-applies the same to both models). `--sdpa` repeats the runs per attention backend; `--ceiling_json` (from
-bench_ceiling.py) adds each run's share of the measured matmul ceiling and of the step's shape-limited throughput.
+(backward, AdamW fused as the trainer builds it, gradient clipping off) and an EMA update (`EMAModels`). Only the model
+differs, so the ratio is the model's. `--fp8 dit-hf` runs the blocks' token-wise matmuls of dit-hf in FP8 (torchao;
+`--fp8 dit-hf,diffusers` applies the same to both models). `--sdpa` repeats the runs per attention backend;
+`--ceiling_json` (from bench_ceiling.py) adds each run's share of the measured matmul ceiling and of the step's
+shape-limited throughput.
 
     python bench/bench_train.py                                   # CPU: a tiny config, seconds
     python bench/bench_train.py --model DiT-XL/2 --latent_size 32 --batch_size 128 --precision bf16 \\
