@@ -264,6 +264,11 @@ def coerce(name: str, value, source: str):
         raise ValueError(f"{source}: {name} must be true or false, got {value!r}.")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if kind is list:
