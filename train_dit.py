@@ -448,8 +448,6 @@ def main(config: TrainConfig) -> dict:
     if config.compile:
         model.compile_repeated_blocks(fullgraph=True)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    for aux in aux_losses:
-        aux.modules = {name: accelerator.prepare(module) for name, module in aux.modules.items()}
     ema.to(accelerator.device)
     if vae is not None:
         vae.to(accelerator.device)

@@ -93,9 +93,10 @@ def batch_size_of(batch: dict) -> int:
 class AuxiliaryLoss:
     """A loss term added to the objective's, with its own trained modules. Subclass and set `name` and `weight`.
 
-    The trainer prepares `modules` with accelerate, optimises their parameters with the model's, saves each in the
-    checkpoint subfolder named by its key (`save_pretrained` / `from_pretrained`), wraps the objective's forward in
-    `capture(model)`, adds `weight * loss(...)[0]`, and averages the returned metrics over the micro-batches it logs.
+    The trainer prepares `modules` with accelerate (pass them unprepared, and their parameters to the optimizer),
+    saves each in the checkpoint subfolder named by its key (`save_pretrained` / `from_pretrained`), wraps the
+    objective's forward in `capture(model)`, adds `weight * loss(...)[0]`, and averages the returned metrics over the
+    micro-batches it logs.
     """
 
     name: str = "aux"
@@ -238,6 +239,9 @@ class Trainer:
 
     def __post_init__(self):
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        # The auxiliary modules are prepared after the model, so accelerate saves and loads them after it.
+        for aux in self.aux_losses:
+            aux.modules = {name: self.accelerator.prepare(module) for name, module in aux.modules.items()}
         self.sums = RunningSums(self.accelerator.device)
         self.window = {"sync": 0, "samples": 0}  # optimizer steps and samples since the last log
         self.checkpoints_dir = os.path.join(self.config.output_dir, "checkpoints")
