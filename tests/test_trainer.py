@@ -1,4 +1,4 @@
-"""The trainer's extension points on a tiny run: a second auxiliary loss and hooks plug in without touching the loop."""
+"""The trainer's extension points on tiny runs: a second auxiliary loss and hooks plug in without loop edits."""
 
 import os
 
