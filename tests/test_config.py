@@ -1,6 +1,7 @@
 """The training config: layers (defaults <- recipe <- --config file <- flags), recipe files, freezing, round trip."""
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -123,3 +124,22 @@ def test_train_dit_help_lists_the_recipes(capsys):
         train_dit.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "lightningdit" in out and "--no-cache_images" in out
+
+
+def test_config_yaml_of_a_run_repeats_it_bit_for_bit_and_checkpoints_record_it(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_train import final_weights, losses, run
+
+    import train_dit
+
+    first = tmp_path / "first"
+    run(first, "--max_train_steps", "3", "--checkpointing_steps", "3", "--seed", "5")
+    saved = load_config(str(first / CONFIG_NAME))
+    assert (saved.seed, saved.max_train_steps, saved.hidden_size) == (5, 3, 32)
+    again = tmp_path / "again"
+    train_dit.main(train_dit.parse_args(["--config", str(first / CONFIG_NAME), "--output_dir", str(again)]))
+    assert losses(again) == losses(first)
+    a, b = final_weights(first), final_weights(again)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    recorded = json.loads((first / "checkpoints" / "checkpoint-3" / "training_config.json").read_text())
+    assert recorded["seed"] == 5 and recorded["mixed_precision"] == "no"  # the precision accelerate chose
