@@ -72,10 +72,10 @@ from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import make_objective, shift_for_dimension
+from dit_hf.precision import PRECISION_DTYPES
 from dit_hf.recipes import estimate_hours, format_duration, measure_matmul_flops, token_warning
 from dit_hf.trainer import LatentSpace, Trainer
 from dit_hf.training import (
-    PRECISION_DTYPES,
     EpochSampler,
     StepRandomness,
     dit_train_flops_per_sample,

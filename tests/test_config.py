@@ -143,3 +143,16 @@ def test_config_yaml_of_a_run_repeats_it_bit_for_bit_and_checkpoints_record_it(t
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     recorded = json.loads((first / "checkpoints" / "checkpoint-3" / "training_config.json").read_text())
     assert recorded["seed"] == 5 and recorded["mixed_precision"] == "no"  # the precision accelerate chose
+
+
+def test_one_dtype_map_and_one_ema_folder_naming():
+    from dit_hf import sample_eval
+    from dit_hf.config import FIELDS
+    from dit_hf.ema import ema_folder_name, export_folder_name
+    from dit_hf.precision import PRECISION_DTYPES
+
+    assert set(FIELDS["mixed_precision"].metadata["choices"]) <= set(PRECISION_DTYPES)
+    assert PRECISION_DTYPES["fp8"] is PRECISION_DTYPES["bf16"]  # FP8 runs the other layers in bf16
+    assert sample_eval.PRECISIONS == {k: PRECISION_DTYPES[k] for k in ("fp32", "bf16", "fp16")}
+    assert (ema_folder_name(0.99), export_folder_name(0.99)) == ("ema_0.99", "transformer_ema_0.99")
+    assert sample_eval.EMA_PREFIX == "transformer_ema_"

@@ -20,15 +20,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# Compute dtypes by precision name: accelerate's `mixed_precision` ("no", "fp16", "bf16", "fp8": bf16 outside the
-# FP8 matmuls) and the benchmarks' "fp32".
-PRECISION_DTYPES = {
-    "no": torch.float32,
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8": torch.bfloat16,
-}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 # accelerate reads these back with `torch.load(weights_only=False)`: a crafted one runs code on resume.
