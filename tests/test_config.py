@@ -156,3 +156,11 @@ def test_one_dtype_map_and_one_ema_folder_naming():
     assert sample_eval.PRECISIONS == {k: PRECISION_DTYPES[k] for k in ("fp32", "bf16", "fp16")}
     assert (ema_folder_name(0.99), export_folder_name(0.99)) == ("ema_0.99", "transformer_ema_0.99")
     assert sample_eval.EMA_PREFIX == "transformer_ema_"
+
+
+@pytest.mark.parametrize("module", ["config", "objective", "trainer", "training", "recipes/__init__"])
+def test_training_code_takes_the_scheduling_rules_not_the_pipeline(module):
+    # The objective <-> scheduler rules live in scheduling_dit.py, which the pipeline file carries as Hub code.
+    with open(os.path.join(ROOT, "src", "dit_hf", f"{module}.py")) as f:
+        text = f.read()
+    assert "pipeline_dit" not in text

@@ -27,12 +27,10 @@ from dataclasses import dataclass, field
 import yaml
 
 from .modeling_dit import DIT_PRESETS, RECIPE_PRESETS
-from .pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, OBJECTIVES, check_guidance_scale
 from .recipes import NAMED_RECIPES, RECIPES, choose_recipe, load_recipe, read_recipe_file, small_patch_size
+from .scheduling_dit import DDPM_FAMILIES, FLOW_FAMILIES, OBJECTIVES, SAMPLER_FAMILIES, check_guidance_scale
 
 CONFIG_NAME = "config.yaml"
-# The sampler families that can sample a model trained with each objective; the first is the default.
-SAMPLER_FAMILIES = {"ddpm_eps": DDPM_FAMILIES, "ddpm_v": DDPM_FAMILIES, "flow": FLOW_FAMILIES}
 
 
 def flag(default=None, help: str | None = None, group: str = "outputs, checkpoints, logging", **argparse_kwargs):
