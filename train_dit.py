@@ -475,8 +475,11 @@ def main(config: TrainConfig) -> dict:
         len(dataset), data.num_classes, config.model, sum(p.numel() for p in trainer.unwrapped.parameters()) / 1e6,
         max_train_steps, randomness.global_batch, accelerator.num_processes,
     )  # fmt: skip
-    trainer.train()
-    summary = export(trainer, sampling, data, hooks, start_time)
+    state = trainer.train()
+    if state.global_step < max_train_steps:  # a hook stopped the run (e.g. preemption) after its checkpoint
+        summary = {"steps": state.global_step, "output_dir": config.output_dir, "stopped": True}
+    else:
+        summary = export(trainer, sampling, data, hooks, start_time)
     accelerator.end_training()
     return summary
 

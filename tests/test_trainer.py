@@ -83,7 +83,8 @@ class Recorder(Hook):
     def on_train_start(self, trainer):
         self.started += 1
 
-    def allow_update(self, trainer):
+    def allow_update(self, trainer, loss, grad_norm):
+        assert loss.ndim == 0 and grad_norm is not None  # clipping is on: the norm before it
         return trainer.state.global_step + 1 != self.veto_step
 
     def on_step_end(self, trainer):
@@ -137,7 +138,7 @@ def test_update_step_and_running_sums():
     before = layer.weight.detach().clone()
     loss = layer(torch.ones(1, 2)).sum()
     grad_norm, applied = update_step(
-        loss, optimizer, clip=lambda: torch.tensor(5.0), allow_update=lambda: False, sync=True
+        loss, optimizer, clip=lambda: torch.tensor(5.0), allow_update=lambda loss, norm: norm.item() < 5, sync=True
     )
     assert (grad_norm.item(), applied) == (5.0, False)
     assert torch.equal(layer.weight, before) and layer.weight.grad is None

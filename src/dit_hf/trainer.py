@@ -158,21 +158,21 @@ def update_step(
     clip: Callable[[], torch.Tensor] | None = None,
     lr_scheduler=None,
     sync: bool = True,
-    allow_update: Callable[[], bool] | None = None,
+    allow_update: Callable[[torch.Tensor, torch.Tensor | None], bool] | None = None,
     mark: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """Backward, then (on a step that syncs gradients) clip, optimizer step, schedule step and zero the gradients.
 
-    The training step of `train_dit.py` and of `bench/bench_train.py`. `allow_update()` (asked on synchronising
-    steps only, after clipping) can veto the update; the gradients are then dropped. `mark(phase)` is called after
-    "backward" and "optimizer", for profiling. Returns (the gradient norm before clipping or None, whether the
-    update ran).
+    The training step of `train_dit.py` and of `bench/bench_train.py`. `allow_update(loss, grad_norm)` (asked on
+    synchronising steps only, after clipping) can veto the update; the gradients are then dropped. `mark(phase)` is
+    called after "backward" and "optimizer", for profiling. Returns (the gradient norm before clipping or None,
+    whether the update ran).
     """
     backward(loss)
     if mark:
         mark("backward")
     grad_norm = clip() if sync and clip is not None else None
-    applied = allow_update() if sync and allow_update is not None else True
+    applied = allow_update(loss, grad_norm) if sync and allow_update is not None else True
     if applied:
         # Under accelerate, `step` on a step that accumulates is a no-op of the prepared optimizer and scheduler.
         optimizer.step()
@@ -193,8 +193,10 @@ class Hook:
     def on_train_start(self, trainer: "Trainer") -> None:
         pass
 
-    def allow_update(self, trainer: "Trainer") -> bool:
-        """Asked on every process before each optimizer step; return the same answer on all of them."""
+    def allow_update(self, trainer: "Trainer", loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """Asked on every process before each optimizer step, after clipping (`grad_norm`: the norm before it, None
+        without clipping; `loss`: this process's last micro-batch). All processes must return the same answer: reduce
+        across them (`trainer.accelerator.reduce`) before deciding. False skips the update and the EMA."""
         return True
 
     def on_step_end(self, trainer: "Trainer") -> None:
@@ -274,6 +276,7 @@ class Trainer:
                 draws = self.randomness.rows(state.global_step, offset, n)
                 x0 = make_x0(batch, self.latents, draws.get("posterior_noise"))
 
+                # Every hook is asked (a list, not a short-circuit): each may take part in a collective operation.
                 with acc.accumulate(*trained):
                     out, loss, aux_metrics = self.compute_loss(batch, x0, draws)
                     grad_norm, applied = update_step(
@@ -283,7 +286,7 @@ class Trainer:
                         clip=clip if self.config.max_grad_norm > 0 else None,
                         lr_scheduler=self.lr_scheduler,
                         sync=acc.sync_gradients,
-                        allow_update=lambda: all(hook.allow_update(self) for hook in self.hooks),
+                        allow_update=lambda *step: all([hook.allow_update(self, *step) for hook in self.hooks]),
                     )
                 self.record_micro_batch(out, aux_metrics, grad_norm, n)
                 micro_step += 1
