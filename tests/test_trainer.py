@@ -162,3 +162,24 @@ def test_update_step_and_running_sums():
 )
 def test_is_due(step, every, last, due):
     assert is_due(step, every, last) is due
+
+
+def test_a_run_stopped_by_a_hook_checkpoints_and_skips_the_export(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from test_train import run
+
+    import train_dit
+
+    class Preempted(Hook):
+        def on_step_end(self, trainer):
+            if trainer.state.global_step == 2:
+                trainer.save_checkpoint()
+                trainer.stop = True
+
+    real_make_hooks = train_dit.make_hooks
+    monkeypatch.setattr(train_dit, "make_hooks", lambda *a: {**real_make_hooks(*a), "preempted": Preempted()})
+    summary = run(tmp_path, "--max_train_steps", "5", "--checkpointing_steps", "5")
+    assert summary == {"steps": 2, "output_dir": str(tmp_path), "stopped": True}
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "model_index.json").exists()
