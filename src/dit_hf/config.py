@@ -12,8 +12,9 @@ the one before:
 picks from the data) is layered beneath it. The few values that follow from others (the small-data recipe's
 resolution and patch, `learn_sigma` by objective, the sampler family, the REPA block) are derived in
 [`resolve_config`], which then validates and freezes the result. Nothing changes a config afterwards: what is only
-known at run time (the steps of `--num_train_epochs`, the precision accelerate picked) lives in the trainer's run
-object, not here.
+known at run time (the steps of `--num_train_epochs`, the precision accelerate picked) is kept beside it, in
+`Trainer.max_train_steps` and the run record that trackers, checkpoints and the model card get
+(`train_dit.run_record`).
 """
 
 import argparse
