@@ -270,13 +270,14 @@ class Trainer:
             state.epoch = epoch
             self.sampler.set_position(epoch, start=state.samples_in_epoch)  # exact resume: skip what was seen
             for batch in self.dataloader:
-                # Randomness of this sample's row of the global batch: the same for any process layout.
+                # batch -> x0, with the draws of this process's rows of the global batch (any process layout alike)
                 n = batch_size_of(batch)
                 offset = sample_offset(micro_step, acc.process_index, acc.num_processes, n)
                 draws = self.randomness.rows(state.global_step, offset, n)
                 x0 = make_x0(batch, self.latents, draws.get("posterior_noise"))
 
-                # Every hook is asked (a list, not a short-circuit): each may take part in a collective operation.
+                # loss (objective + auxiliary terms) -> backward, clip, update (unless a hook vetoes it); every hook
+                # is asked, not a short-circuit, as each may take part in a collective operation
                 with acc.accumulate(*trained):
                     out, loss, aux_metrics = self.compute_loss(batch, x0, draws)
                     grad_norm, applied = update_step(
@@ -294,6 +295,7 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
 
+                # an optimizer step is done: EMA, counters, then the hooks (log, checkpoint, grids, FID, plots)
                 micro_step = 0
                 if not applied or acc.optimizer_step_was_skipped:
                     state.skipped_steps += 1  # fp16 overflow or a hook's veto: neither the update nor the EMA
