@@ -340,50 +340,29 @@ def init_from_weights(
     return counts
 
 
-def add_init_arguments(parser):
-    """The trainer's `--init_from`, `--class_map` and `--class_map_unmapped` flags."""
-    parser.add_argument(
-        "--init_from",
-        default=None,
-        metavar="PATH_OR_ID",
-        help="Start from released weights (fresh optimizer, step 0): a dit-hf pipeline or model folder, a diffusers "
-        "DiTTransformer2DModel folder or Hub id (e.g. facebook/DiT-XL-2-256), or an original DiT .pt. A checkpoint "
-        "found by --resume_from_checkpoint wins.",
-    )
-    parser.add_argument(
-        "--class_map",
-        default=None,
-        help="With --init_from and other classes: 'NEW_CLASS=OLD_INDEX,...' or a JSON file {\"new class\": index}.",
-    )
-    parser.add_argument(
-        "--class_map_unmapped",
-        default="null",
-        choices=UNMAPPED_CHOICES,
-        help="Where classes missing from --class_map start: the old null-class row (default) or a fresh row.",
-    )
-
-
-def check_init_args(args):
-    """Refuse, before any work, a class map without --init_from or with a syntax error."""
-    if args.class_map is not None:
-        if not args.init_from:
+def check_init_config(config) -> None:
+    """Refuse, before any work, a class map without --init_from or with a syntax error (part of the validation of
+    `dit_hf.config.TrainConfig`)."""
+    if config.class_map is not None:
+        if not config.init_from:
             raise ValueError("--class_map maps the classes of an --init_from checkpoint: also pass --init_from.")
-        parse_class_map(args.class_map)
+        parse_class_map(config.class_map)
 
 
-def init_model_from_args(model: DiTModel, args, class_names: list[str] | None) -> dict[str, int] | None:
-    """Apply `--init_from` to the freshly built `model`, unless `--resume_from_checkpoint` finds a checkpoint: a
-    resumed run continues its own weights (so one command serves the first launch and every restart)."""
-    if not args.init_from:
+def init_model_from_config(model: DiTModel, config, class_names: list[str] | None) -> dict[str, int] | None:
+    """Apply `--init_from` of a `dit_hf.config.TrainConfig` to the freshly built `model`, unless
+    `--resume_from_checkpoint` finds a checkpoint: a resumed run continues its own weights (so one command serves the
+    first launch and every restart)."""
+    if not config.init_from:
         return None
-    if args.resume_from_checkpoint:
+    if config.resume_from_checkpoint:
         from .training import resolve_resume_path
 
-        path = resolve_resume_path(args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints"))
+        path = resolve_resume_path(config.resume_from_checkpoint, os.path.join(config.output_dir, "checkpoints"))
         if path is not None:
-            logger.warning("Resuming from %s: --init_from %s is not applied.", path, args.init_from)
+            logger.warning("Resuming from %s: --init_from %s is not applied.", path, config.init_from)
             return None
-    class_map = parse_class_map(args.class_map) if args.class_map is not None else None
+    class_map = parse_class_map(config.class_map) if config.class_map is not None else None
     return init_from_weights(
-        model, args.init_from, class_map, class_names, unmapped=args.class_map_unmapped, cache_dir=args.cache_dir
+        model, config.init_from, class_map, class_names, unmapped=config.class_map_unmapped, cache_dir=config.cache_dir
     )
