@@ -262,3 +262,25 @@ def test_trainer_refuses_a_class_map_without_init_from(tmp_path):
         train_dit.parse_args([*TRAIN, "--output_dir", str(tmp_path), "--class_map", "zero=0"])
     with pytest.raises(ValueError, match="is not NEW_CLASS=OLD_INDEX"):
         train_dit.parse_args([*TRAIN, "--output_dir", str(tmp_path), "--init_from", "x.pt", "--class_map", "zero"])
+
+
+def test_init_flags_are_config_fields_read_from_a_config_file_and_checked(tmp_path):
+    from dit_hf.config import resolve_config
+
+    path = tmp_path / "finetune.yaml"
+    path.write_text(
+        "recipe: digits\ninit_from: DiT-XL-2-256x256.pt\nclass_map: tabby=281\nclass_map_unmapped: fresh\n"
+    )
+    config = resolve_config(["--config", str(path), "--output_dir", str(tmp_path / "out")])
+    assert (config.init_from, config.class_map, config.class_map_unmapped) == (
+        "DiT-XL-2-256x256.pt",
+        "tabby=281",
+        "fresh",
+    )
+    assert resolve_config(["--recipe", "digits", "--output_dir", str(tmp_path / "out")]).class_map_unmapped == "null"
+    path.write_text("recipe: digits\ninit_from: x.pt\nclass_map_unmapped: zero\n")
+    with pytest.raises(ValueError, match=r"class_map_unmapped must be one of \['null', 'fresh'\], got 'zero'"):
+        resolve_config(["--config", str(path), "--output_dir", str(tmp_path / "out")])
+    path.write_text("recipe: digits\nclass_map: tabby=281\n")
+    with pytest.raises(ValueError, match="--class_map maps the classes of an --init_from checkpoint"):
+        resolve_config(["--config", str(path), "--output_dir", str(tmp_path / "out")])
