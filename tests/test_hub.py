@@ -379,6 +379,7 @@ def test_the_hub_token_never_reaches_disk(tmp_path, hub):
         "WANDB_MODE": "offline",
     }
     env.pop("HF_HUB_OFFLINE", None)
+    env.pop("WANDB_DIR", None)  # left by an in-process wandb run of another test: wandb would write there
     out = tmp_path / "run"
     command = [
         sys.executable, os.path.join(root, "train_dit.py"),
