@@ -295,6 +295,7 @@ def setup_trackers(record: dict, accelerator) -> None:
     report_to, output_dir = record["report_to"], record["output_dir"]
     if report_to == "none":
         return
+    init_kwargs = {}
     if report_to in ("wandb", "all"):
         try:
             import wandb  # noqa: F401
@@ -304,15 +305,16 @@ def setup_trackers(record: dict, accelerator) -> None:
             ) from err
         from .training import wandb_has_credentials
 
+        # Passed to wandb.init rather than set in os.environ: the caller's environment is not ours to change.
+        init_kwargs["wandb"] = {"dir": os.environ.get("WANDB_DIR") or output_dir}
         if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
             # No key: log to disk instead of failing or waiting for a login prompt.
-            os.environ["WANDB_MODE"] = "offline"
+            init_kwargs["wandb"]["mode"] = "offline"
             logger.info(
                 "wandb: no API key found, logging offline under %s; upload later with `wandb sync %s`",
                 os.path.join(output_dir, "wandb"),
                 os.path.join(output_dir, "wandb", "offline-run-*"),
                 main_process_only=True,
             )
-        os.environ.setdefault("WANDB_DIR", output_dir)
     config = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers(record["tracker_project_name"], config=config)
+    accelerator.init_trackers(record["tracker_project_name"], config=config, init_kwargs=init_kwargs)
