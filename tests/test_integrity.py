@@ -51,7 +51,8 @@ def test_every_checkpoint_file_is_in_the_manifest_written_last(tmp_path, monkeyp
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
     manifest = json.loads((checkpoint / MANIFEST).read_text())["files"]
     assert seen == [sorted(manifest)] == [checkpoint_files(checkpoint)]
-    assert {"trainer_state.json", "run_config.json", "random_states_0.pkl", "optimizer.bin", WEIGHTS} <= set(manifest)
+    saved = {"trainer_state.json", "training_config.json", "random_states_0.pkl", "optimizer.bin", WEIGHTS}
+    assert saved <= set(manifest)
     entry = manifest[WEIGHTS]
     assert entry["size"] == os.path.getsize(checkpoint / WEIGHTS)
     assert entry["sha256"] == file_sha256(checkpoint / WEIGHTS)

@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .training import whole_batch_collate
+from .collate import whole_batch_collate
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"

@@ -140,7 +140,7 @@ def check_previous_run(output_dir: str, resume_from_checkpoint: str | None, over
     if resume_from_checkpoint and overwrite:
         raise ValueError(
             "--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir deletes it: pass "
-            "only one of them."
+            "only one of them (--no-overwrite_output_dir turns off one set in a --config file)."
         )
     found = holds_a_run(output_dir)
     if found and not resume_from_checkpoint and not overwrite:

@@ -1,8 +1,9 @@
 """What a resume may change: the settings a checkpoint was trained with, compared with the ones given now.
 
-A checkpoint stores the run's settings (`run_config.json`). On resume, a setting that changes what the saved weights
-mean is refused, naming the old and new values: the objective (ε vs v vs velocity prediction), the noise schedule,
-the latent space (`--vae`), REPA's extra module. The model architecture is compared on the model config itself
+A checkpoint stores the run's resolved settings (`training_config.json`, the run record of `train_dit.run_record`:
+the frozen `TrainConfig` with the run-time values). On resume, a setting that changes what the saved weights mean is
+refused, naming the old and new values: the objective (ε vs v vs velocity prediction), the noise schedule, the
+latent space (`--vae`), REPA's extra module. The model architecture is compared on the model config itself
 (`training.check_checkpoint_config`). Every other change (learning rate, steps, logging, evaluation, data...) is
 applied and listed, one line each.
 """
@@ -10,8 +11,6 @@ applied and listed, one line each.
 import glob
 import json
 import os
-
-RUN_CONFIG = "run_config.json"
 
 # Settings whose change would reinterpret the saved state rather than continue training it.
 MEANING_SETTINGS = (
@@ -32,37 +31,28 @@ INVOCATION_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "output
 OPTIMIZER_SETTINGS = {"adam_weight_decay": "weight_decay", "adam_epsilon": "eps"}
 
 
-def run_settings(args) -> dict:
-    """The JSON-representable settings of `args` (argparse Namespace), as they would read back from JSON."""
-    plain = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
-    return json.loads(json.dumps(plain))
-
-
-def save_run_config(args, directory: str) -> None:
-    with open(os.path.join(directory, RUN_CONFIG), "w") as f:
-        json.dump(run_settings(args), f, indent=2, sort_keys=True)
-
-
-def load_run_config(checkpoint: str) -> dict | None:
+def load_training_config(checkpoint: str) -> dict | None:
     """The settings saved with `checkpoint`; None for a checkpoint written before they were saved."""
-    path = os.path.join(checkpoint, RUN_CONFIG)
-    if not os.path.isfile(path):
-        return None
+    from .trainer import CHECKPOINT_CONFIG, saved_training_config
+
     try:
-        with open(path) as f:
-            saved = json.load(f)
-        if not isinstance(saved, dict):
+        saved = saved_training_config(checkpoint)
+        if saved is not None and not isinstance(saved, dict):
             raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
-    except ValueError as err:
+    except ValueError as err:  # json.JSONDecodeError included
+        path = os.path.join(checkpoint, CHECKPOINT_CONFIG)
         raise ValueError(
             f"Checkpoint file {path} cannot be read fully ({err}). Resume from another checkpoint."
         ) from None
     return saved
 
 
-def compare_run_settings(saved: dict, args) -> list[tuple[str, object, object]]:
-    """Refuse changes of [`MEANING_SETTINGS`]; return the other changes as (name, old, new), sorted by name."""
-    now = run_settings(args)
+def compare_run_settings(saved: dict, record: dict) -> list[tuple[str, object, object]]:
+    """Refuse changes of [`MEANING_SETTINGS`]; return the other changes as (name, old, new), sorted by name.
+
+    `record` is this run's settings as a checkpoint would save them (compared as they read back from JSON).
+    """
+    now = json.loads(json.dumps(record))
     refused = [(k, saved.get(k), now.get(k)) for k in MEANING_SETTINGS if saved.get(k) != now.get(k)]
     if refused:
         lines = "; ".join(f"--{k} {old!r} in the checkpoint, {new!r} now" for k, old, new in refused)
@@ -75,8 +65,9 @@ def compare_run_settings(saved: dict, args) -> list[tuple[str, object, object]]:
     return [(k, saved.get(k), now.get(k)) for k in names if saved.get(k) != now.get(k)]
 
 
-def apply_optimizer_settings(optimizer, lr_scheduler, args, changed: list[tuple[str, object, object]]) -> None:
-    """Put the new optimizer hyperparameters into the state just loaded from a checkpoint (which holds the old ones).
+def apply_optimizer_settings(optimizer, lr_scheduler, config, changed: list[tuple[str, object, object]]) -> None:
+    """Put the new optimizer hyperparameters of `config` (a `TrainConfig`) into the state just loaded from a checkpoint
+    (which holds the old ones).
 
     The learning rate lives in the LR scheduler's base rates and in each parameter group: both are set, and the
     group's current rate is recomputed from the schedule at the saved step. Schedule shape changes (steps, warm-up,
@@ -87,21 +78,21 @@ def apply_optimizer_settings(optimizer, lr_scheduler, args, changed: list[tuple[
     groups = optimizer.param_groups
     if "learning_rate" in names:
         old_bases = list(scheduler.base_lrs)
-        scheduler.base_lrs = [args.learning_rate] * len(groups)
+        scheduler.base_lrs = [config.learning_rate] * len(groups)
         rates = []
         for group, old_base in zip(groups, old_bases):
-            group["initial_lr"] = args.learning_rate
+            group["initial_lr"] = config.learning_rate
             # The schedule's factor at the saved step (current rate over base rate) times the new base rate.
-            group["lr"] = args.learning_rate * (group["lr"] / old_base if old_base else 1.0)
+            group["lr"] = config.learning_rate * (group["lr"] / old_base if old_base else 1.0)
             rates.append(group["lr"])
         scheduler._last_lr = rates
     for flag, key in OPTIMIZER_SETTINGS.items():
         if flag in names:
             for group in groups:
-                group[key] = getattr(args, flag)
+                group[key] = getattr(config, flag)
     if names & {"adam_beta1", "adam_beta2"}:
         for group in groups:
-            group["betas"] = (args.adam_beta1, args.adam_beta2)
+            group["betas"] = (config.adam_beta1, config.adam_beta2)
 
 
 def check_rng_states(checkpoint: str, num_processes: int) -> list[str]:
@@ -131,27 +122,29 @@ def check_rng_states(checkpoint: str, num_processes: int) -> list[str]:
     return []
 
 
-def check_resume(checkpoint: str, args, model_config: dict, num_processes: int):
+def check_resume(checkpoint: str, record: dict, model_config: dict, num_processes: int):
     """Everything that can refuse `checkpoint` before any of it is loaded into the run.
 
-    Returns the checkpoint's [`~training.TrainerState`], the warnings to log, and the changed settings to apply
-    (see [`compare_run_settings`]); raises ValueError naming the file or the setting otherwise.
+    `record` is this run's settings as checkpoints save them (`Trainer.record`). Returns the checkpoint's
+    [`~training.TrainerState`], the warnings to log, and the changed settings to apply (see
+    [`compare_run_settings`]); raises ValueError naming the file or the setting otherwise.
     """
+    from .trainer import CHECKPOINT_CONFIG
     from .training import TrainerState, check_checkpoint_config, check_checkpoint_files
 
     check_checkpoint_config(checkpoint, model_config)
     check_checkpoint_files(checkpoint)  # before anything is unpickled
     state = TrainerState.load(checkpoint)
     warnings = check_rng_states(checkpoint, num_processes)
-    saved = load_run_config(checkpoint)
+    saved = load_training_config(checkpoint)
     if saved is None:
         warnings.append(
-            f"Checkpoint {checkpoint} has no {RUN_CONFIG} (written by an older dit-hf): the objective and other "
-            "settings cannot be compared with the ones given now; make sure they are the same."
+            f"Checkpoint {checkpoint} has no {CHECKPOINT_CONFIG} (written by an older dit-hf): the objective and "
+            "other settings cannot be compared with the ones given now; make sure they are the same."
         )
         changed = []
     else:
-        changed = compare_run_settings(saved, args)
+        changed = compare_run_settings(saved, record)
     return state, warnings, changed
 
 
