@@ -50,6 +50,20 @@ from dit_hf.data import (
 )
 from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
+from dit_hf.guards import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    ON_NONFINITE,
+    NonFiniteStop,
+    Preempted,
+    StepGuard,
+    StopSignals,
+    newest_finite_checkpoint,
+    nonfinite_stop_message,
+    parse_signals,
+    roll_back,
+    trim_metrics,
+)
 from dit_hf.hub import refuse_token_arguments
 from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
@@ -243,6 +257,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--hub_private_repo", action="store_true")
     out.add_argument("--push_checkpoints", action="store_true", help="Also upload every checkpoint.")
 
+    faults = parser.add_argument_group("faults: divergence and preemption (see dit_hf.guards)")
+    faults.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Non-finite steps (loss or gradient norm; never applied) in a row before --on_nonfinite acts.",
+    )
+    faults.add_argument(
+        "--on_nonfinite",
+        choices=ON_NONFINITE,
+        default="stop",
+        help=f"stop: exit with status {EXIT_NONFINITE}, naming the last good checkpoint. rollback: reload it, go on.",
+    )
+    faults.add_argument(
+        "--rollback_lr_factor", type=float, default=1.0, help="Multiply the learning rate by this at each rollback."
+    )
+    faults.add_argument(
+        "--save_on_signal",
+        nargs="+",
+        default=None,
+        metavar="SIGNAL",
+        help=f"Signals besides SIGTERM that make every process finish its step, checkpoint and exit with status "
+        f"{EXIT_PREEMPTED} (e.g. SIGUSR1 for SLURM's --signal).",
+    )
+
     args = parser.parse_args(input_args)
     apply_recipe(args)
     validate_args(args)
@@ -324,6 +363,11 @@ def validate_args(args):
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if args.eval_samples is None:
         args.eval_samples = 256
+    if args.max_nonfinite_steps < 1:
+        raise ValueError(f"--max_nonfinite_steps must be >= 1, got {args.max_nonfinite_steps}.")
+    if not 0 < args.rollback_lr_factor <= 1:
+        raise ValueError(f"--rollback_lr_factor must be in (0, 1], got {args.rollback_lr_factor}.")
+    parse_signals(args.save_on_signal)  # raises with the fix on a name that is no catchable signal
     if args.repa_encoder and not args.repa_coeff > 0:
         raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {args.repa_coeff}.")
     check_output_dir(args.output_dir)
@@ -555,6 +599,14 @@ def requested_precision(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    stop_signals = StopSignals(args.save_on_signal)
+    try:
+        return train(args, stop_signals)
+    finally:
+        stop_signals.restore()
+
+
+def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
     start_time = time.time()
     logging_dir = os.path.join(args.output_dir, "logs")
     fp8 = requested_precision(args) == "fp8"
@@ -576,8 +628,9 @@ def main(args: argparse.Namespace) -> dict:
             logger.warning("FP8 on a CPU is emulated and slower than float32: use it to check a run, not to train.")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on CPU.")
-    # Each process seeds differently (e.g. data augmentation in workers); the diffusion noise comes from
-    # StepRandomness, which is the same for every process layout.
+    # Each process seeds its global RNG differently. The diffusion noise (StepRandomness) and the flips (flip_flags)
+    # do not draw from it: both are functions of the seed and the position in training, the same for every process
+    # layout and across a resume.
     set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -625,7 +678,11 @@ def main(args: argparse.Namespace) -> dict:
     check_budget(args, accelerator, flops_per_sample, global_batch, len(ds))
 
     transform = build_transform(
-        args.resolution, args.center_crop, args.random_flip and not args.cache_latents, args.image_channels
+        args.resolution,
+        args.center_crop,
+        args.random_flip and not args.cache_latents,
+        args.image_channels,
+        seed=args.seed,
     )
     train_dataset = ImageLabelDataset(ds, image_column, label_column if num_classes else None, transform)
     if args.cache_images:
@@ -662,7 +719,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator, vae, train_dataset, args.cache_latents, fingerprint=fingerprint, features_fn=features_fn
             )
         accelerator.wait_for_everyone()
-        cached = BatchedCachedLatents(args.cache_latents, random_flip=args.random_flip)
+        cached = BatchedCachedLatents(args.cache_latents, random_flip=args.random_flip, seed=args.seed)
         train_dataset = cached
 
     sampler = EpochSampler(len(train_dataset), seed=args.seed)
@@ -764,8 +821,10 @@ def main(args: argparse.Namespace) -> dict:
             check_checkpoint_files(path)  # before anything is unpickled
             accelerator.load_state(path)
             state = TrainerState.load(path)
-            load_ema(ema, path, num_updates=state.global_step - state.skipped_steps)
+            load_ema(ema, path, num_updates=state.global_step - state.skipped_steps - state.nonfinite_steps)
             logger.info("Resumed from %s at step %d.", path, state.global_step)
+        if accelerator.is_main_process:  # rows logged after that checkpoint are logged again
+            trim_metrics(os.path.join(args.output_dir, "metrics.jsonl"), state.global_step)
 
     setup_trackers(args, accelerator)
     randomness = StepRandomness(
@@ -795,6 +854,48 @@ def main(args: argparse.Namespace) -> dict:
         save_ema(ema, directory, ema_model)
         state.save(directory)
 
+    guard = StepGuard(accelerator, stop_signals, args.max_nonfinite_steps, args.on_nonfinite)
+
+    def save_checkpoint() -> str | None:
+        """checkpoint-{step}, unless the weights hold NaN/inf (then the older checkpoints stay as they are)."""
+        averages = [list(average.values()) for average in ema.state_dict()["averages"]]
+        if not guard.weights_finite(trained_params, *averages):
+            logger.error("Step %d: the weights are not finite; no checkpoint written.", state.global_step)
+            return None
+        path = atomic_checkpoint(accelerator, checkpoints_dir, state.global_step, write_checkpoint_extras)
+        if accelerator.is_main_process:
+            keep = newest_finite_checkpoint(checkpoints_dir) if args.checkpoints_total_limit else None
+            for removed in prune_checkpoints(checkpoints_dir, args.checkpoints_total_limit, keep=keep):
+                logger.info("Removed old checkpoint %s", removed)
+            if args.push_to_hub and args.push_checkpoints:
+                from dit_hf.hub import push_checkpoint
+
+                push_checkpoint(path, args.hub_model_id, private=args.hub_private_repo)
+        return path
+
+    def after_divergence():
+        """--max_nonfinite_steps in a row: stop naming the last good checkpoint, or roll back to it."""
+        from accelerate.utils import broadcast_object_list
+
+        target = [newest_finite_checkpoint(checkpoints_dir) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(target)
+        target = target[0]
+        if args.on_nonfinite == "stop" or target is None:
+            reason = "" if args.on_nonfinite == "stop" else " and there is no checkpoint to roll back to"
+            raise NonFiniteStop(nonfinite_stop_message(state.global_step, args.max_nonfinite_steps, target, reason))
+        roll_back(accelerator, target, lr_scheduler, args.rollback_lr_factor, functools.partial(load_ema, ema))
+        state.rollbacks += 1
+        guard.in_a_row = 0
+        logger.warning(
+            "Step %d: rolled back to %s (rollback %d); learning rate now %g.",
+            state.global_step,
+            target,
+            state.rollbacks,
+            lr_scheduler.get_last_lr()[0],
+            main_process_only=True,
+        )
+
     logger.info(
         "%d samples, %d classes, model %s (%.2fM parameters), %d steps of %d samples (%d processes)",
         len(train_dataset),
@@ -814,7 +915,8 @@ def main(args: argparse.Namespace) -> dict:
     # Running sums stay on the device between log steps: no host synchronisation inside the loop.
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, micro-batches, grad norm, REPA
     quartiles = torch.zeros(2, 4, dtype=torch.float64, device=accelerator.device)
-    window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
+    window = {"sync": 0, "skipped": 0, "samples": 0, "t0": time.perf_counter()}
+    stop_signals.install()  # from here on a stop signal ends the current step with a checkpoint
     model.train()
     done = state.global_step >= args.max_train_steps
     micro_step = 0
@@ -824,6 +926,8 @@ def main(args: argparse.Namespace) -> dict:
         state.epoch = epoch
         sampler.set_position(epoch, start=state.samples_in_epoch)
         for batch in train_dataloader:
+            if micro_step == 0:  # the window's sums before this step, put back if the step is not applied
+                kept = (sums.clone(), quartiles.clone())
             labels = batch.get("class_labels") if num_classes else None
             n = (batch["moments"] if cached is not None else batch["pixel_values"]).shape[0]
             offset = sample_offset(micro_step, accelerator.process_index, accelerator.num_processes, n)
@@ -862,11 +966,21 @@ def main(args: argparse.Namespace) -> dict:
                     loss = out.loss + args.repa_coeff * alignment
                     sums[3] += alignment.detach().to(torch.float64)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
-                    sums[2] += grad_norm.detach().to(sums.device, torch.float64)
-                optimizer.step()
-                lr_scheduler.step()
+                guard.observe_loss(loss)
+                check = None
+                if accelerator.sync_gradients:
+                    if args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
+                        sums[2] += grad_norm.detach().to(sums.device, torch.float64)
+                    else:
+                        grad_norm = guard.grad_norm(trained_params)
+                    # Non-finite loss or gradients on any process, or a stop signal: one decision for all.
+                    check = guard.check(grad_norm)
+                if check is not None and check.skip:
+                    guard.skip_update()  # nothing reaches the weights, the optimizer state or the LR schedule
+                else:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
             sums[0] += out.loss.detach().to(torch.float64)
@@ -879,13 +993,19 @@ def main(args: argparse.Namespace) -> dict:
                 continue
 
             micro_step = 0
-            if accelerator.optimizer_step_was_skipped:
+            if check.skip:
+                state.nonfinite_steps += 1  # not applied, so nor is the EMA; nor logged in the loss averages
+                sums.copy_(kept[0])
+                quartiles.copy_(kept[1])
+                window["skipped"] += 1
+            elif accelerator.optimizer_step_was_skipped:
                 state.skipped_steps += 1  # fp16 overflow: the update was not applied, so nor is the EMA
             else:
                 ema.update(unwrapped)
             state.global_step += 1
             window["sync"] += 1
             progress.update(1)
+            diverged = guard.record(check, state.global_step, state.nonfinite_steps)
 
             if state.global_step % args.logging_steps == 0 or state.global_step == args.max_train_steps:
                 elapsed = time.perf_counter() - window["t0"]
@@ -893,17 +1013,20 @@ def main(args: argparse.Namespace) -> dict:
                 qsum = accelerator.reduce(quartiles.clone(), reduction="sum").cpu()
                 imgs_per_s = window["samples"] / elapsed
                 logs = {
-                    "loss": (totals[0] / totals[1]).item(),
                     "lr": lr_scheduler.get_last_lr()[0],
                     "img_per_s": imgs_per_s,
                     "epoch": epoch,
                     "skipped_steps": state.skipped_steps,
+                    "nonfinite_steps": state.nonfinite_steps,
                 }
+                if totals[1] > 0:  # else every step of the window was non-finite
+                    logs["loss"] = (totals[0] / totals[1]).item()
                 if projector is not None:
                     logs["repa_loss"] = (totals[3] / totals[1]).item()
-                if args.max_grad_norm > 0:
-                    # Every process clips the same all-reduced gradients: average over steps only.
-                    logs["grad_norm"] = (totals[2] / accelerator.num_processes / max(1, window["sync"])).item()
+                applied = window["sync"] - window["skipped"]
+                if args.max_grad_norm > 0 and applied > 0:
+                    # Every process clips the same all-reduced gradients: average over the applied steps only.
+                    logs["grad_norm"] = (totals[2] / accelerator.num_processes / applied).item()
                 for k in range(4):
                     if qsum[1, k] > 0:
                         logs[f"loss_q{k}"] = (qsum[0, k] / qsum[1, k]).item()
@@ -912,24 +1035,25 @@ def main(args: argparse.Namespace) -> dict:
                 if torch.cuda.is_available():
                     logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 accelerator.log(logs, step=state.global_step)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{imgs_per_s:.0f}")
+                progress.set_postfix(loss=f"{logs.get('loss', math.nan):.4f}", img_s=f"{imgs_per_s:.0f}")
                 if accelerator.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
                     refresh_plots(args.output_dir, plot_clock)
-                window = {"sync": 0, "samples": 0, "t0": time.perf_counter()}
+                window = {"sync": 0, "skipped": 0, "samples": 0, "t0": time.perf_counter()}
                 sums.zero_()
                 quartiles.zero_()
 
+            saved = None
             if state.global_step % args.checkpointing_steps == 0 or state.global_step == args.max_train_steps:
-                path = atomic_checkpoint(accelerator, checkpoints_dir, state.global_step, write_checkpoint_extras)
-                if accelerator.is_main_process:
-                    for removed in prune_checkpoints(checkpoints_dir, args.checkpoints_total_limit):
-                        logger.info("Removed old checkpoint %s", removed)
-                    if args.push_to_hub and args.push_checkpoints:
-                        from dit_hf.hub import push_checkpoint
-
-                        push_checkpoint(path, args.hub_model_id, private=args.hub_private_repo)
+                if guard.in_a_row:  # the weights that led into non-finite steps are no state to return to
+                    logger.warning("Step %d: not checkpointed during non-finite steps.", state.global_step)
+                else:
+                    saved = save_checkpoint()
+            if diverged:
+                after_divergence()  # raises NonFiniteStop, or rolls back and goes on
+            if check.stop:
+                raise Preempted(state.global_step, saved or save_checkpoint(), check.stop)
 
             if (
                 args.validation_steps
@@ -967,6 +1091,7 @@ def main(args: argparse.Namespace) -> dict:
         if not done:
             state.samples_in_epoch = 0
     progress.close()
+    stop_signals.restore()
     accelerator.wait_for_everyone()
 
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
@@ -1024,5 +1149,11 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as err:
         print(f"train_dit.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteStop as err:
+        print(f"train_dit.py: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except Preempted as err:
+        print(f"train_dit.py: {err}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     if summary.get("pushed") is False:
         sys.exit(1)
