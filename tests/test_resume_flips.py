@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from test_train import final_weights, losses, run, tiny_vae
 
@@ -52,3 +53,12 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
     run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # DataLoader workers start for each of the three runs
+def test_resume_with_flips_is_exact_with_dataloader_workers(tmp_path):
+    straight, split = straight_and_split(
+        tmp_path, "--random_flip", "--no-cache_images", "--dataloader_num_workers", "2"
+    )
+    assert losses(straight) == losses(split)
+    assert same_weights(final_weights(straight), final_weights(split))
