@@ -912,7 +912,7 @@ def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
         desc="train",
         disable=not accelerator.is_local_main_process,
     )
-    # Running sums stay on the device between log steps: no host synchronisation inside the loop.
+    # Running sums stay on the device between log steps; the loop's one host synchronisation per step is the guard's.
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, micro-batches, grad norm, REPA
     quartiles = torch.zeros(2, 4, dtype=torch.float64, device=accelerator.device)
     window = {"sync": 0, "skipped": 0, "samples": 0, "t0": time.perf_counter()}
@@ -1021,7 +1021,7 @@ def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
                 }
                 if totals[1] > 0:  # else every step of the window was non-finite
                     logs["loss"] = (totals[0] / totals[1]).item()
-                if projector is not None:
+                if projector is not None and totals[1] > 0:
                     logs["repa_loss"] = (totals[3] / totals[1]).item()
                 applied = window["sync"] - window["skipped"]
                 if args.max_grad_norm > 0 and applied > 0:
@@ -1093,6 +1093,10 @@ def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
     progress.close()
     stop_signals.restore()
     accelerator.wait_for_everyone()
+    if not guard.weights_finite(trained_params, *[list(a.values()) for a in ema.state_dict()["averages"]]):
+        last_good = newest_finite_checkpoint(checkpoints_dir)
+        fallback = f"The last good checkpoint is {last_good}." if last_good else "No checkpoint has finite weights."
+        raise NonFiniteStop(f"The weights are not finite after step {state.global_step}: nothing exported. {fallback}")
 
     # ---- final export: one pipeline with the first EMA rate, the other rates as extra transformer folders -----
     summary = {"steps": state.global_step, "output_dir": args.output_dir}

@@ -78,6 +78,23 @@ EXPLODING = [
 ]
 
 
+def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, monkeypatch, caplog):
+    class BrokenEMA(train_dit.EMAModels):
+        def update(self, model):
+            super().update(model)
+            if self.num_updates == 3:  # the average goes NaN; training itself stays finite
+                next(iter(self.state_dict()["averages"][0].values())).fill_(float("nan"))
+
+    monkeypatch.setattr(train_dit, "EMAModels", BrokenEMA)
+    last_good = tmp_path / "checkpoints" / "checkpoint-2"
+    with pytest.raises(NonFiniteStop, match=f"not finite after step 4: nothing exported.*checkpoint is {last_good}"):
+        run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1")
+    assert not (tmp_path / "model_index.json").exists()
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert "Step 3: the weights are not finite; no checkpoint written." in caplog.text
+    assert checkpoint_finite(tmp_path / "checkpoints" / "checkpoint-2")
+
+
 def test_divergence_stops_naming_the_last_good_checkpoint(tmp_path):
     """An exploding learning rate: the loss goes to 1e5, then NaN; the run stops and names checkpoint-2."""
     last_good = tmp_path / "checkpoints" / "checkpoint-2"

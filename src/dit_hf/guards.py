@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -87,8 +88,15 @@ class StopSignals:
         self.received = self.received or signal.Signals(signum).name
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # Python lets only the main thread set handlers (e.g. training started from a thread of a notebook).
+            logger.warning("Training runs outside the main thread: %s keep their usual effect.", self.names())
+            return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._note)
+
+    def names(self) -> str:
+        return ", ".join(sig.name for sig in self.signals)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
