@@ -882,6 +882,7 @@ def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
             broadcast_object_list(target)
         target = target[0]
         if args.on_nonfinite == "stop" or target is None:
+            accelerator.wait_for_everyone()  # a collective last: gloo's threads finish the ones before
             reason = "" if args.on_nonfinite == "stop" else " and there is no checkpoint to roll back to"
             raise NonFiniteStop(nonfinite_stop_message(state.global_step, args.max_nonfinite_steps, target, reason))
         roll_back(accelerator, target, lr_scheduler, args.rollback_lr_factor, functools.partial(load_ema, ema))
@@ -1092,8 +1093,11 @@ def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
             state.samples_in_epoch = 0
     progress.close()
     stop_signals.restore()
+    finite = guard.weights_finite(trained_params, *[list(a.values()) for a in ema.state_dict()["averages"]])
+    # A barrier after the guard's all-reduces (of tensors made in Python): a gloo process group torn down while its
+    # threads still release such a tensor can deadlock on the GIL at exit.
     accelerator.wait_for_everyone()
-    if not guard.weights_finite(trained_params, *[list(a.values()) for a in ema.state_dict()["averages"]]):
+    if not finite:
         last_good = newest_finite_checkpoint(checkpoints_dir)
         fallback = f"The last good checkpoint is {last_good}." if last_good else "No checkpoint has finite weights."
         raise NonFiniteStop(f"The weights are not finite after step {state.global_step}: nothing exported. {fallback}")

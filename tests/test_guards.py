@@ -271,10 +271,10 @@ def test_sigterm_checkpoints_and_the_resume_is_exact(tmp_path):
     assert equal(final_weights(out), final_weights(tmp_path / "straight"))
 
 
-def launch_two(output_dir, *extra) -> subprocess.Popen:
-    """2 CPU processes (torchrun, gloo), process 1 with a NaN output at steps 2 and 3."""
+def launch_two(output_dir, *extra, nonfinite_steps: str = "2,3") -> subprocess.Popen:
+    """2 CPU processes (torchrun, gloo), process 1 with a NaN output at `nonfinite_steps`."""
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
-           "NONFINITE_STEPS": "2,3", "NONFINITE_RANK": "1"}  # fmt: skip
+           "NONFINITE_STEPS": nonfinite_steps, "NONFINITE_RANK": "1"}  # fmt: skip
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.join(ROOT, "tests", "inject_nonfinite.py"), *TINY_ARGS,
@@ -320,3 +320,12 @@ def test_two_processes_skip_together_and_stop_together_on_a_signal_to_one(tmp_pa
         assert p.returncode == 0, stderr[-3000:]
     assert losses(out) == losses(tmp_path / "straight")
     assert equal(final_weights(out), final_weights(tmp_path / "straight"))
+
+
+@pytest.mark.slow  # a 2-process run: about 30 s on 2 cores
+def test_two_processes_stop_together_after_non_finite_steps_on_one(tmp_path):
+    proc = launch_two(tmp_path, "--max_train_steps", "50", "--max_nonfinite_steps", "2", nonfinite_steps="3,4,5")
+    _, stderr = proc.communicate(timeout=300)
+    # Both processes stop at step 4 with the same message and status; nothing is exported.
+    assert stderr.count("Training diverged: 2 steps in a row up to step 4") == 2, stderr[-3000:]
+    assert stderr.count(f"exitcode  : {EXIT_NONFINITE}") >= 1 and not (tmp_path / "model_index.json").exists()
