@@ -59,9 +59,7 @@ from dit_hf.guards import (
     StepGuard,
     StopSignals,
     newest_finite_checkpoint,
-    nonfinite_stop_message,
     parse_signals,
-    roll_back,
     trim_metrics,
 )
 from dit_hf.hub import refuse_token_arguments
@@ -873,30 +871,6 @@ def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
                 push_checkpoint(path, args.hub_model_id, private=args.hub_private_repo)
         return path
 
-    def after_divergence():
-        """--max_nonfinite_steps in a row: stop naming the last good checkpoint, or roll back to it."""
-        from accelerate.utils import broadcast_object_list
-
-        target = [newest_finite_checkpoint(checkpoints_dir) if accelerator.is_main_process else None]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(target)
-        target = target[0]
-        if args.on_nonfinite == "stop" or target is None:
-            accelerator.wait_for_everyone()  # a collective last: gloo's threads finish the ones before
-            reason = "" if args.on_nonfinite == "stop" else " and there is no checkpoint to roll back to"
-            raise NonFiniteStop(nonfinite_stop_message(state.global_step, args.max_nonfinite_steps, target, reason))
-        roll_back(accelerator, target, lr_scheduler, args.rollback_lr_factor, functools.partial(load_ema, ema))
-        state.rollbacks += 1
-        guard.in_a_row = 0
-        logger.warning(
-            "Step %d: rolled back to %s (rollback %d); learning rate now %g.",
-            state.global_step,
-            target,
-            state.rollbacks,
-            lr_scheduler.get_last_lr()[0],
-            main_process_only=True,
-        )
-
     logger.info(
         "%d samples, %d classes, model %s (%.2fM parameters), %d steps of %d samples (%d processes)",
         len(train_dataset),
@@ -1051,8 +1025,12 @@ def train(args: argparse.Namespace, stop_signals: StopSignals) -> dict:
                     logger.warning("Step %d: not checkpointed during non-finite steps.", state.global_step)
                 else:
                     saved = save_checkpoint()
-            if diverged:
-                after_divergence()  # raises NonFiniteStop, or rolls back and goes on
+            if diverged:  # raises NonFiniteStop, or rolls back to the last good checkpoint and goes on
+                load_ema_state = functools.partial(load_ema, ema)
+                guard.act_on_divergence(
+                    state.global_step, checkpoints_dir, lr_scheduler, args.rollback_lr_factor, load_ema_state
+                )
+                state.rollbacks += 1
             if check.stop:
                 raise Preempted(state.global_step, saved or save_checkpoint(), check.stop)
 

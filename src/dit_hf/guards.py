@@ -209,6 +209,27 @@ class StepGuard:
             )
         return self.in_a_row >= self.max_nonfinite_steps
 
+    def act_on_divergence(self, step: int, checkpoints_dir: str, lr_scheduler, lr_factor: float, load_ema_state):
+        """After `max_nonfinite_steps` in a row: raise [`NonFiniteStop`] naming the last good checkpoint, or (with
+        "rollback" and such a checkpoint) [`roll_back`] to it and return its path. Call it on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        target = [newest_finite_checkpoint(checkpoints_dir) if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(target)
+        target = target[0]
+        if self.on_nonfinite == "stop" or target is None:
+            self.accelerator.wait_for_everyone()  # a collective last: gloo's threads finish the ones before
+            reason = "" if self.on_nonfinite == "stop" else " and there is no checkpoint to roll back to"
+            raise NonFiniteStop(nonfinite_stop_message(step, self.max_nonfinite_steps, target, reason))
+        roll_back(self.accelerator, target, lr_scheduler, lr_factor, load_ema_state)
+        self.in_a_row = 0
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "Step %d: rolled back to %s; learning rate now %g.", step, target, lr_scheduler.get_last_lr()[0]
+            )
+        return target
+
     def weights_finite(self, *tensor_groups) -> bool:
         """Whether every tensor of every group is finite on every process (at checkpoint time only: it syncs)."""
         bad = torch.zeros((), dtype=torch.float32, device=self.accelerator.device)
