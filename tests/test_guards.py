@@ -201,6 +201,35 @@ def test_step_guard_decisions_and_the_fp16_scaler():
     assert scaler.updates == 1  # the scaler closes the step it unscaled, as after an overflow
 
 
+def test_a_skipped_step_leaves_a_real_grad_scaler_ready_for_the_next():
+    """fp16 bookkeeping with torch's GradScaler (on the CPU here): skip after unscaling, then train on."""
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    class Accelerator(FakeAccelerator):
+        def unscale_gradients(self):
+            scaler.unscale_(optimizer)
+
+    guard = StepGuard(Accelerator(scaler), None, max_nonfinite_steps=5, on_nonfinite="stop")
+    before = [p.detach().clone() for p in layer.parameters()]
+    for poisoned in (True, False):
+        loss = layer(torch.ones(1, 2)).sum() * (float("nan") if poisoned else 1.0)
+        scaler.scale(loss).backward()
+        guard.observe_loss(loss)
+        check = guard.check(guard.grad_norm(layer.parameters()))  # unscales, as clipping would
+        assert check.skip == poisoned
+        if check.skip:
+            guard.skip_update()
+            assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before))
+            assert scaler.get_scale() == 512.0  # closed as an overflow: the scale halves
+        else:
+            scaler.step(optimizer)  # no "unscale_() has already been called": the skipped step was closed
+            scaler.update()
+            assert not all(torch.equal(p, b) for p, b in zip(layer.parameters(), before))
+        optimizer.zero_grad(set_to_none=True)
+
+
 def test_stop_signals(tmp_path):
     assert parse_signals(["SIGUSR1", "usr2", "SIGTERM"]) == [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2]
     for bad in ("SIGKILL", "NOPE", "SIG_IGN"):
