@@ -57,7 +57,8 @@ def test_nonfinite_steps_are_skipped_counted_and_kept_from_the_ema(tmp_path, mon
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 4, 5]
     ckpt = tmp_path / "checkpoints" / "checkpoint-5"
     state = TrainerState.load(ckpt)
-    assert (state.global_step, state.nonfinite_steps, state.skipped_steps) == (5, 2, 0)
+    # skipped_steps counts every step not applied (the trainer's count); nonfinite_steps those the guard vetoed.
+    assert (state.global_step, state.nonfinite_steps, state.skipped_steps) == (5, 2, 2)
     # Three updates reached the optimizer, the LR schedule and the EMA, not five.
     optimizer = accelerate_load(ckpt / "optimizer.bin", weights_only=True)
     assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}

@@ -24,7 +24,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from .training import flip_flags, whole_batch_collate
+from .collate import whole_batch_collate
+from .training import flip_flags
 
 # Columns tried, in order, when --image_column / --label_column are not given (the names used by Hub image datasets).
 DEFAULT_IMAGE_COLUMNS = ("image", "img")

@@ -1,9 +1,10 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
 """Guards of a training run against divergence and preemption, and the metrics log on resume.
 
-`train_dit.py` makes one collective check per optimizer step ([`StepGuard.check`]): the non-finite flags of every
-process and whether any process received a stop signal are all-reduced into one small tensor and read once (the only
-host synchronisation the loop adds). Every process therefore takes the same decision at the same step:
+The trainer's `dit_hf.hooks.GuardHook` makes one collective check per optimizer step ([`StepGuard.check`], asked by
+the trainer before the update): the non-finite flags of every process and whether any process received a stop
+signal are all-reduced into one small tensor and read once (the only host synchronisation the loop adds). Every
+process therefore takes the same decision at the same step:
 
 - **Non-finite loss or gradient norm** on any process: the update is skipped everywhere (no optimizer, LR scheduler
   or EMA step), counted (`nonfinite_steps`) and logged. After `--max_nonfinite_steps` such steps in a row the run
@@ -13,8 +14,8 @@ host synchronisation the loop adds). Every process therefore takes the same deci
 - **A stop signal** (SIGTERM, and those of `--save_on_signal`) on any process: every process finishes the step,
   writes a checkpoint and exits with [`EXIT_PREEMPTED`]; `--resume_from_checkpoint latest` continues bit-exactly.
 
-Checkpoints are only written from finite weights ([`StepGuard.weights_finite`]), and pruning keeps the newest
-checkpoint whose weights are finite ([`newest_finite_checkpoint`]).
+Checkpoints are only written from finite weights ([`tensors_finite`], in `Trainer.save_checkpoint`), and pruning
+keeps the newest checkpoint whose weights are finite ([`newest_finite_checkpoint`]).
 """
 
 import json
@@ -231,14 +232,18 @@ class StepGuard:
         return target
 
     def weights_finite(self, *tensor_groups) -> bool:
-        """Whether every tensor of every group is finite on every process (at checkpoint time only: it syncs)."""
-        bad = torch.zeros((), dtype=torch.float32, device=self.accelerator.device)
-        for group in tensor_groups:
-            for t in group:
-                bad += (~torch.isfinite(t.detach())).any().float().to(bad.device)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        return bad.item() == 0
+        return tensors_finite(self.accelerator, *tensor_groups)
+
+
+def tensors_finite(accelerator, *tensor_groups) -> bool:
+    """Whether every tensor of every group is finite on every process (at checkpoint time only: it syncs)."""
+    bad = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+    for group in tensor_groups:
+        for t in group:
+            bad += (~torch.isfinite(t.detach())).any().float().to(bad.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
 
 
 def safetensors_finite(path: str) -> bool:

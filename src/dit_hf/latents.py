@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .training import flip_flags, whole_batch_collate
+from .collate import whole_batch_collate
+from .training import flip_flags
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
