@@ -216,8 +216,7 @@ class GuardHook(Hook):
     def on_train_start(self, trainer: Trainer) -> None:
         config = self.config
         self.guard = StepGuard(trainer.accelerator, self.signals, config.max_nonfinite_steps, config.on_nonfinite)
-        self.params = [p for m in (trainer.model, *(m for a in trainer.aux_losses for m in a.modules.values()))
-                       for p in m.parameters()]  # fmt: skip
+        self.params = [p for module in trainer.trained_modules() for p in module.parameters()]
 
     def allow_update(self, trainer: Trainer, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         # The loss sums are finite when a step starts (a vetoed step's are put back): a non-finite one now is a

@@ -208,7 +208,8 @@ class Hook:
     def allow_update(self, trainer: "Trainer", loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Asked on every process before each optimizer step, after clipping (`grad_norm`: the norm before it, None
         without clipping; `loss`: this process's last micro-batch). All processes must return the same answer: reduce
-        across them (`trainer.accelerator.reduce`) before deciding. False skips the update and the EMA."""
+        across them (`trainer.accelerator.reduce`) before deciding. False skips the update and the EMA, and leaves the
+        step's metrics out of the logged averages."""
         return True
 
     def on_step_end(self, trainer: "Trainer") -> None:
@@ -268,7 +269,7 @@ class Trainer:
 
     def train(self) -> TrainerState:
         acc, state = self.accelerator, self.state
-        trained = (self.model, *(m for aux in self.aux_losses for m in aux.modules.values()))
+        trained = self.trained_modules()
         params = [p for module in trained for p in module.parameters()]
         clip = functools.partial(acc.clip_grad_norm_, params, self.config.max_grad_norm)
         self.progress = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
@@ -336,6 +337,10 @@ class Trainer:
             hook.on_train_end(self)
         return state
 
+    def trained_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The model and the auxiliary losses' modules (prepared)."""
+        return (self.model, *(m for aux in self.aux_losses for m in aux.modules.values()))
+
     def compute_loss(self, batch: dict, x0: torch.Tensor, draws: dict) -> tuple[object, torch.Tensor, dict]:
         """The objective's loss plus every auxiliary term: (objective output, total loss, auxiliary metrics)."""
         labels = batch.get("class_labels") if self.num_classes else None
@@ -400,8 +405,7 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Whether the trained weights and every EMA average are finite on every process (a collective)."""
-        trained = [p for m in (self.model, *(m for a in self.aux_losses for m in a.modules.values()))
-                   for p in m.parameters()]  # fmt: skip
+        trained = [p for module in self.trained_modules() for p in module.parameters()]
         averages = [list(average.values()) for average in self.ema.state_dict()["averages"]]
         return tensors_finite(self.accelerator, trained, *averages)
 
