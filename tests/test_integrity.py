@@ -201,3 +201,17 @@ def test_an_explicit_checkpoint_path_is_verified_too(two_checkpoints, tmp_path):
     ]
     with pytest.raises(ValueError, match=f"Checkpoint file {checkpoint / 'optimizer.bin'} does not match its SHA-256"):
         train_dit.main(train_dit.parse_args(args))
+
+
+def test_a_rollback_skips_a_checkpoint_that_fails_verification(two_checkpoints, tmp_path, caplog):
+    """The divergence guard's rollback target verifies too: finite weights beside a damaged optimizer state are no
+    state to go back to."""
+    from dit_hf.guards import newest_finite_checkpoint
+
+    out = copy_run(two_checkpoints, tmp_path)
+    checkpoints = out / "checkpoints"
+    assert newest_finite_checkpoint(str(checkpoints)).endswith("checkpoint-4")
+    damage(checkpoints / "checkpoint-4" / "optimizer.bin", "bitflip")
+    with caplog.at_level(logging.WARNING):
+        assert newest_finite_checkpoint(str(checkpoints)).endswith("checkpoint-2")
+    assert str(checkpoints / "checkpoint-4" / "optimizer.bin") in caplog.text
