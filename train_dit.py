@@ -33,6 +33,15 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from dit_hf import DiTModel, DiTPipeline
+from dit_hf.autoencoders import (
+    LATENT_NORMS,
+    cached_channel_statistics,
+    encode_moments,
+    latent_shape,
+    latents_from_moments,
+    load_autoencoder,
+    make_latent_norm,
+)
 from dit_hf.data import (
     GRAYSCALE_MODES,
     CachedImages,
@@ -51,7 +60,7 @@ from dit_hf.data import (
 from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
 from dit_hf.hub import refuse_token_arguments
-from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
+from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
 from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, check_guidance_scale, image_grid
@@ -167,7 +176,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     repa.add_argument("--repa_depth", type=int, default=None, help="1-based block to align (default: depth // 3).")
     repa.add_argument("--repa_coeff", type=float, default=0.5, help="Weight of the alignment loss (REPA: 0.5).")
     repa.add_argument("--repa_projector_dim", type=int, default=2048)
-    model.add_argument("--vae", default=None, help="AutoencoderKL repo id or path: train in its latent space.")
+    model.add_argument(
+        "--vae",
+        default=None,
+        help="Repo id or path of a diffusers autoencoder (AutoencoderKL, AutoencoderDC, AutoencoderRAE, ...; the "
+        "class is read from its config): train in its latent space.",
+    )
+    model.add_argument(
+        "--latent_norm",
+        choices=LATENT_NORMS,
+        default="scale",
+        help="How latents are normalised: the autoencoder's scaling_factor/shift_factor (scale; an RAE's own), "
+        "per-channel mean/std of the cached latents (channel, needs --cache_latents), or not at all (none).",
+    )
     model.add_argument("--vae_subfolder", default=None, help="E.g. 'vae' for a full pipeline repo.")
     model.add_argument("--cache_latents", default=None, metavar="DIR", help="Encode the data once into DIR.")
 
@@ -286,6 +307,8 @@ def validate_args(args):
         raise ValueError("Give --dataset_name or --train_data_dir, not both.")
     if args.cache_latents and not args.vae:
         raise ValueError("--cache_latents stores VAE latents: also pass --vae.")
+    if args.latent_norm == "channel" and not args.cache_latents:
+        raise ValueError("--latent_norm channel takes its statistics from cached latents: pass --cache_latents DIR.")
     if args.cache_latents and args.cache_images:
         raise ValueError(
             "--cache_images and --cache_latents both keep the data set decoded; --cache_latents already skips the "
@@ -367,11 +390,7 @@ def build_model(args, num_classes: int, in_channels: int, sample_size: int) -> D
 
 
 def load_vae(args, dtype):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder, cache_dir=args.cache_dir)
-    vae.requires_grad_(False)
-    return vae.eval().to(dtype=dtype)
+    return load_autoencoder(args.vae, args.vae_subfolder, args.cache_dir, dtype)
 
 
 def setup_trackers(args, accelerator):
@@ -410,7 +429,7 @@ def log_image(accelerator, grid, step: int, name: str = "samples"):
             tracker.log({name: [wandb.Image(grid)]}, step=step)
 
 
-def make_pipeline(model, objective, vae, id2label, args) -> DiTPipeline:
+def make_pipeline(model, objective, vae, id2label, args, latent_norm=None) -> DiTPipeline:
     return DiTPipeline(
         transformer=model,
         scheduler=make_scheduler(objective, args.sample_scheduler),
@@ -419,6 +438,7 @@ def make_pipeline(model, objective, vae, id2label, args) -> DiTPipeline:
         objective=objective.name,
         default_num_inference_steps=args.num_inference_steps,
         default_guidance_scale=args.guidance_scale,
+        **(latent_norm.pipeline_config() if latent_norm is not None else {}),
     )
 
 
@@ -607,10 +627,11 @@ def main(args: argparse.Namespace) -> dict:
     latent_factor, in_channels = 1, args.image_channels
     if args.vae:
         vae = load_vae(args, torch.float32)
-        latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        in_channels = vae.config.latent_channels
     if args.resolution is None:
         raise ValueError("No image of the data set could be read to take the resolution from: pass --resolution.")
+    if vae is not None:
+        in_channels, latent_size, _ = latent_shape(vae, args.resolution, args.image_channels)
+        latent_factor = max(1, args.resolution // latent_size)
     preset = {**DIT_PRESETS, **RECIPE_PRESETS}[args.model]
     patch_size = args.patch_size or preset["patch_size"]
     check_resolution(args.resolution, patch_size, latent_factor)
@@ -664,6 +685,12 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.wait_for_everyone()
         cached = BatchedCachedLatents(args.cache_latents, random_flip=args.random_flip)
         train_dataset = cached
+    latent_norm = None
+    if vae is not None:
+        stats = None
+        if args.latent_norm == "channel":
+            stats = cached_channel_statistics(args.cache_latents, cached, accelerator.is_main_process)
+        latent_norm = make_latent_norm(args.latent_norm, vae, in_channels, stats)
 
     sampler = EpochSampler(len(train_dataset), seed=args.seed)
     train_dataloader = torch.utils.data.DataLoader(
@@ -829,16 +856,10 @@ def main(args: argparse.Namespace) -> dict:
             offset = sample_offset(micro_step, accelerator.process_index, accelerator.num_processes, n)
             draws = randomness.rows(state.global_step, offset, n)
             with torch.no_grad():
-                if cached is not None:
-                    moments = batch["moments"]
-                    x0 = sample_latents(
-                        moments, cached.scaling_factor, cached.shift_factor, noise=draws["posterior_noise"]
-                    )
-                elif vae is not None:
-                    posterior = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
-                    moments = torch.stack([posterior.mean, posterior.logvar], dim=1)
-                    shift = getattr(vae.config, "shift_factor", None) or 0.0
-                    x0 = sample_latents(moments, vae.config.scaling_factor, shift, noise=draws["posterior_noise"])
+                if vae is not None:
+                    # Cached or encoded now: a Gaussian's [mean, logvar] (drawn from) or deterministic latents.
+                    moments = batch["moments"] if cached is not None else encode_moments(vae, batch["pixel_values"])
+                    x0 = latent_norm(latents_from_moments(moments, noise=draws["posterior_noise"]))
                 else:
                     x0 = batch["pixel_values"]
             # Label dropout drawn by StepRandomness rather than inside the model, for the same reason as the noise.
@@ -936,7 +957,7 @@ def main(args: argparse.Namespace) -> dict:
                 and state.global_step % args.validation_steps == 0
                 and accelerator.is_main_process
             ):
-                pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
+                pipe = make_pipeline(ema_model(0), objective, vae, id2label, args, latent_norm)
                 _, _, grid = sample_grid(
                     pipe, validation_classes, args.num_samples_per_class, args, accelerator.device
                 )
@@ -950,7 +971,7 @@ def main(args: argparse.Namespace) -> dict:
                 if accelerator.is_main_process:
                     if evaluator["extractor"] is None:
                         evaluator.update(load_evaluator(args, accelerator.device, labelled=num_classes > 0))
-                    pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
+                    pipe = make_pipeline(ema_model(0), objective, vae, id2label, args, latent_norm)
                     scores = evaluate_pipeline(pipe, args, num_classes, accelerator.device, evaluator)
                     evaluator["last"] = {"step": state.global_step, **scores}
                     logger.info("Evaluation at step %d: %s", state.global_step, scores)
@@ -973,7 +994,7 @@ def main(args: argparse.Namespace) -> dict:
     summary = {"steps": state.global_step, "output_dir": args.output_dir}
     if accelerator.is_main_process:
         refresh_plots(args.output_dir, plot_clock, force=True)
-        pipe = make_pipeline(ema_model(0), objective, vae, id2label, args)
+        pipe = make_pipeline(ema_model(0), objective, vae, id2label, args, latent_norm)
         pipe.save_pretrained(args.output_dir)
         for i, decay in enumerate(ema.decays[1:], start=1):
             ema_model(i).save_pretrained(os.path.join(args.output_dir, f"transformer_ema_{decay}"))
