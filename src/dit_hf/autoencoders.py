@@ -187,7 +187,10 @@ def make_latent_norm(mode: str, vae, channels: int, stats: dict | None = None) -
         raise ValueError("--latent_norm channel needs statistics of the cached latents: also pass --cache_latents.")
     mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
     if mean.shape != (channels,) or std.shape != (channels,):
-        raise ValueError(f"The latent statistics have {mean.numel()} channels, the latents {channels}.")
+        raise ValueError(
+            f"The latent statistics are for {mean.numel()} channels but the latents have {channels}; delete "
+            f"{STATS_FILE} from the --cache_latents directory to compute them again."
+        )
     return LatentNorm(mode, mean, 1 / std)
 
 
