@@ -284,3 +284,28 @@ def test_saved_folders_load_in_plain_diffusers(trained, tmp_path):
         ).images  # fmt: skip
         np.testing.assert_allclose(result["np"], expected, atol=1e-5)
         assert expected.shape == (2, 16, 16, 3) and expected.std() > 0
+
+
+def test_digits_rae_stage_one(tmp_path):
+    from sklearn.model_selection import train_test_split
+
+    from dit_hf.cli import main
+    from dit_hf.rae import _digits_rgb
+
+    # A few steps of each stage: the mechanics, not the quality (bench/rae_digits.py measures that).
+    summary = main(["train-rae", "--output", str(tmp_path / "rae"), "--max_steps", "3", "--encoder_steps", "3"])
+    assert 0 < summary["reconstruction_mse"] and summary["max_steps"] == 3
+    rae = load_autoencoder(str(tmp_path / "rae"))
+    assert type(rae).__name__ == "AutoencoderRAE" and rae.config.noise_tau == 0.3
+    assert latent_shape(rae, 8, 3) == (64, 4, 4)
+    # The RAE normalises its latents itself, with the statistics of the training split's tokens.
+    images, labels = _digits_rgb()
+    train_idx, _ = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=labels.numpy())
+    with torch.no_grad():
+        z = encode_moments(rae, images[train_idx] * 2 - 1)[:, 0].transpose(0, 1).reshape(64, -1)
+    torch.testing.assert_close(z.mean(1), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(1), torch.ones(64), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="twice"):
+        make_latent_norm("channel", rae, 64, {"mean": [0.0] * 64, "std": [1.0] * 64})
+    with pytest.raises(SystemExit):
+        main(["train-rae", "--output", str(tmp_path / "bad"), "--max_steps", "0"])
