@@ -307,6 +307,8 @@ def validate_args(args):
         raise ValueError("Give --dataset_name or --train_data_dir, not both.")
     if args.cache_latents and not args.vae:
         raise ValueError("--cache_latents stores VAE latents: also pass --vae.")
+    if args.latent_norm != "scale" and not args.vae:
+        raise ValueError(f"--latent_norm {args.latent_norm} normalises autoencoder latents: also pass --vae.")
     if args.latent_norm == "channel" and not args.cache_latents:
         raise ValueError("--latent_norm channel takes its statistics from cached latents: pass --cache_latents DIR.")
     if args.cache_latents and args.cache_images:

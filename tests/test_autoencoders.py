@@ -172,6 +172,18 @@ def test_load_autoencoder_reads_the_class_from_the_config(tmp_path):
         load_autoencoder(str(tmp_path / "sched"))
 
 
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--latent_norm", "none"], "also pass --vae"),
+        (["--vae", "some/vae", "--latent_norm", "channel"], "--cache_latents"),
+    ],
+)
+def test_latent_norm_arguments(extra, match):
+    with pytest.raises(ValueError, match=match):
+        train_dit.parse_args(extra)
+
+
 # ---- each family end to end: trainer -> cache -> resume -> pipeline -> save -> load without dit_hf -------------
 
 TINY_ARGS = [

@@ -218,7 +218,9 @@ def channel_statistics(moments: torch.Tensor, chunk: int = 1024) -> dict:
 def cached_channel_statistics(cache_dir: str, dataset, is_main_process: bool) -> dict:
     """`channel_statistics` of a complete latent cache, computed once and kept in `cache_dir/latent_stats.json`
     (tied to the cache's fingerprint, so a rebuilt cache gets new ones)."""
-    with open(os.path.join(cache_dir, "cache_info.json")) as f:
+    from .latents import CACHE_INFO_NAME
+
+    with open(os.path.join(cache_dir, CACHE_INFO_NAME)) as f:
         fingerprint = json.load(f)["fingerprint"]
     path = os.path.join(cache_dir, STATS_FILE)
     if os.path.isfile(path):

@@ -350,8 +350,8 @@ class CachedLatentDataset(Dataset):
 
     Item `i` is `{"moments": (K, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
     and `logvar` of its posterior (K = 2; the latents of a deterministic encoder, K = 1) or, with `random_flip`, of
-    its horizontal flip's with probability 0.5 (drawn from
-    torch's global RNG, which DataLoader seeds per worker). "class_labels" is left out for unconditional data.
+    its horizontal flip's with probability 0.5 (drawn from torch's global RNG, which DataLoader seeds per worker).
+    "class_labels" is left out for unconditional data.
     Items are views of one pre-stacked tensor, so the default collate batches them with no file I/O; sample the
     latents on the device with `sample_latents` (`autoencoders.latents_from_moments` for either kind).
 

@@ -32,6 +32,7 @@ ENCODER_INPUT_SIZE = 16
 ENCODER_PATCH_SIZE = 4
 ENCODER_WIDTH = 64  # AutoencoderRAE builds DINOv2 heads of 64: a 64-wide encoder has one head
 NUM_REGISTERS = 4  # AutoencoderRAE drops 1 class + 4 register tokens from a DINOv2's output
+SUMMARY_FILE = "stage1_summary.json"
 
 
 def _digits_rgb() -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +102,8 @@ def train_digits_rae(
     """Trains a tiny RAE on scikit-learn's digits and saves it to `output_dir` (see the module docstring).
 
     Args:
-        output_dir (`str`): Where to save the `AutoencoderRAE` (and a README with the measured figures).
+        output_dir (`str`): Where to save the `AutoencoderRAE`, a README and `stage1_summary.json` with the measured
+            figures.
         encoder_dir (`str`, *optional*): A digits encoder from `train_digits_encoder(..., num_heads=1,
             num_register_tokens=4)`; `None` trains one (`encoder_steps` steps, about a minute for the default 1800)
             into `output_dir/encoder`.
@@ -181,6 +183,8 @@ def train_digits_rae(
     }
     rae.save_pretrained(output_dir)
     _write_readme(output_dir, summary)
+    with open(os.path.join(output_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
     return summary
 
 
