@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .autoencoders import GAUSSIAN_MOMENTS, LOGVAR_RANGE, encode_moments, moment_names, vae_latent_scale
-from .training import whole_batch_collate
+from .collate import whole_batch_collate
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
