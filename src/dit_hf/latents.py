@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from .autoencoders import GAUSSIAN_MOMENTS, LOGVAR_RANGE, encode_moments, moment_names, vae_latent_scale
 from .collate import whole_batch_collate
+from .training import flip_flags
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
@@ -350,7 +351,7 @@ class CachedLatentDataset(Dataset):
 
     Item `i` is `{"moments": (K, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
     and `logvar` of its posterior (K = 2; the latents of a deterministic encoder, K = 1) or, with `random_flip`, of
-    its horizontal flip's with probability 0.5 (drawn from torch's global RNG, which DataLoader seeds per worker).
+    its horizontal flip's with probability 0.5 (a function of (seed, epoch, index): [`~dit_hf.training.flip_flags`]).
     "class_labels" is left out for unconditional data.
     Items are views of one pre-stacked tensor, so the default collate batches them with no file I/O; sample the
     latents on the device with `sample_latents` (`autoencoders.latents_from_moments` for either kind).
@@ -358,15 +359,17 @@ class CachedLatentDataset(Dataset):
     Args:
         cache_dir (`str`): A directory written by `encode_to_cache`.
         random_flip (`bool`, defaults to `False`): Whether to return the flipped image's moments half of the time.
+        seed (`int`, defaults to 0): The run's seed, which fixes the flips (with the epoch each index carries).
 
     Raises:
         `ValueError`: If the cache is incomplete or corrupt (no `cache_info.json`, a missing or unreadable shard, a
             missing or repeated index); the message says to delete it and rerun.
     """
 
-    def __init__(self, cache_dir: str, random_flip: bool = False):
+    def __init__(self, cache_dir: str, random_flip: bool = False, seed: int = 0):
         self.cache_dir = cache_dir
         self.random_flip = random_flip
+        self.seed = seed
         rebuild = f"Delete {cache_dir!r} and rerun to rebuild the cache."
         if not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
             raise ValueError(f"{cache_dir!r} holds no complete latent cache (no {CACHE_INFO_NAME}). {rebuild}")
@@ -434,13 +437,20 @@ class CachedLatentDataset(Dataset):
     def __len__(self) -> int:
         return self.moments.shape[0]
 
+    def flips(self, indices) -> torch.Tensor:
+        """Long `(len(indices),)`: 1 where the flipped image's moments are used, a function of (seed, epoch, index)."""
+        if not self.random_flip:
+            return torch.zeros(len(indices), dtype=torch.long)
+        return flip_flags(self.seed, indices).long()
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        item = {"moments": self.moments[i, int(flip)]}
+        flip = int(self.flips([i])[0])
+        i = int(i)
+        item = {"moments": self.moments[i, flip]}
         if self.has_labels:
             item["class_labels"] = self.labels[i]
         if self.features is not None:
-            item["repa_features"] = self.features[i, int(flip)]
+            item["repa_features"] = self.features[i, flip]
         return item
 
 
@@ -449,15 +459,12 @@ class BatchedCachedLatents(CachedLatentDataset):
     item and a stack (about 15× faster on CPU at 32×32×4 latents; see bench/bench_loader.py).
 
     DataLoader calls `__getitems__` with a batch's indices; build it with `collate_fn=BatchedCachedLatents.collate`,
-    which passes the ready batch through. Flips are drawn from torch's global RNG, one per item, like the parent.
+    which passes the ready batch through. Flips are chosen per item, as by the parent.
     """
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        if self.random_flip:
-            flip = (torch.rand(len(indices)) < 0.5).long()
-        else:
-            flip = torch.zeros(len(indices), dtype=torch.long)
+        flip = self.flips(indices)
         batch = {"moments": self.moments[index, flip]}
         if self.has_labels:
             batch["class_labels"] = self.labels[index]
