@@ -1,10 +1,11 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
-"""A cache of VAE posteriors, so that latent-space training runs the frozen `AutoencoderKL` once, not every step.
+"""A cache of encoded latents, so that latent-space training runs the frozen autoencoder once, not every step.
 
 As in fast-DiT, the training set is encoded once, for each image and its horizontal flip (so random flipping survives
 caching). Unlike fast-DiT, which stores one fixed sample `z ~ q(z | x)`, the cache stores the posterior moments
 (`mean`, `logvar` of `vae.encode(x).latent_dist`) and the training step draws a fresh `z` every epoch with
-`sample_latents`, exactly as encoding on the fly would.
+`sample_latents`, exactly as encoding on the fly would. For a deterministic encoder (`AutoencoderDC`,
+`AutoencoderRAE`) it stores the latents themselves; `dit_hf.autoencoders` says which (`encode_moments`).
 
 The trainer uses it like this (every process runs every line; `encode_to_cache` splits the work itself)::
 
@@ -20,8 +21,9 @@ The dataset given to `encode_to_cache` must be built without random flipping: th
 Layout of a cache directory:
 
 - `shard-{process:05d}-{k:05d}.safetensors`: the k-th shard written by one process, with tensors `index` (long, the
-  dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`) and `labels` (long, -1 when
-  the data set is unconditional), and the metadata `has_labels`.
+  dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`; `latents` and
+  `flip_latents` instead for a deterministic encoder, as `cache_info.json` lists under "latent_tensors") and `labels`
+  (long, -1 when the data set is unconditional), and the metadata `has_labels`.
 - `cache_info.json`: written last, by the main process, once every shard is on disk and checked. Its presence marks
   the cache complete. A directory without it is the remains of an interrupted run: `check_cache` answers False and
   `encode_to_cache` deletes its shards before encoding again.
@@ -45,19 +47,18 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .autoencoders import GAUSSIAN_MOMENTS, LOGVAR_RANGE, encode_moments, moment_names, vae_latent_scale
 from .collate import whole_batch_collate
 from .training import flip_flags
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
-SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels")
+SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels")  # of a Gaussian posterior's cache
 # Optional: encoder features of each image and of its flip (REPA targets), when the cache was built with them.
 FEATURE_TENSORS = ("features", "flip_features")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Finished shards and the temporary files of interrupted writes (`<shard>.tmp`): a rebuild removes both.
 _SHARD_PATTERN = re.compile(r"^shard-\d{5}-\d{5}\.safetensors(\.tmp)?$")
-# DiagonalGaussianDistribution clamps logvar to this range before computing the standard deviation.
-LOGVAR_RANGE = (-30.0, 20.0)
 
 
 def _json_safe(value):
@@ -194,7 +195,8 @@ def _summarize_shards(cache_dir: str, num_samples: int) -> dict:
     for name in shards:
         with safe_open(os.path.join(cache_dir, name), framework="pt") as f:
             index = f.get_tensor("index")
-            shapes.add(tuple(f.get_slice("mean").get_shape()[1:]))
+            first = next(key for key in f.keys() if key not in ("index", "labels", *FEATURE_TENSORS))
+            shapes.add(tuple(f.get_slice(first).get_shape()[1:]))
             has_features = "features" in f.keys()
             feature_shapes.add(tuple(f.get_slice("features").get_shape()[1:]) if has_features else None)
             has_labels.add(f.metadata()["has_labels"] == "true")
@@ -240,8 +242,9 @@ def encode_to_cache(
 
     Args:
         accelerator (`accelerate.Accelerator`): Gives the process index, the number of processes and the barrier.
-        vae (`AutoencoderKL`): The frozen VAE, already on `accelerator.device`. Images are encoded in its dtype; keep
-            it in float32 when its config has `force_upcast=True` (as the SD VAEs do), else fp16 may overflow.
+        vae (`AutoencoderKL`, `AutoencoderDC`, `AutoencoderRAE`, ...): The frozen autoencoder, already on
+            `accelerator.device`. Images are encoded in its dtype; keep it in float32 when its config has
+            `force_upcast=True` (as the SD VAEs do), else fp16 may overflow.
         dataset (`torch.utils.data.Dataset`): Items are dicts with "pixel_values" (a float tensor `(3, R, R)` in
             [-1, 1]) and, for labelled data, "class_labels" (a long scalar). Build it without random flipping.
         cache_dir (`str`): The directory to write to; created if absent. All processes must see the same directory.
@@ -285,11 +288,12 @@ def encode_to_cache(
 
     share = process_indices(num_samples, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    buffer, buffered, shard_count, has_labels = [], 0, 0, None
+    buffer, buffered, shard_count, has_labels, names = [], 0, 0, None, GAUSSIAN_MOMENTS
 
     def write_shard():
         nonlocal buffer, buffered, shard_count
-        keys = SHARD_TENSORS + (FEATURE_TENSORS if features_fn is not None else ())
+        keys = ("index", *names, *("flip_" + name for name in names), "labels")
+        keys += FEATURE_TENSORS if features_fn is not None else ()
         tensors = {key: torch.cat([part[key] for part in buffer]) for key in keys}
         name = f"shard-{accelerator.process_index:05d}-{shard_count:05d}.safetensors"
         _atomic_save(tensors, os.path.join(cache_dir, name), {"has_labels": str(has_labels).lower()})
@@ -301,21 +305,16 @@ def encode_to_cache(
         n = pixel_values.shape[0]
         # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
         both = torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])
-        posterior = vae.encode(both).latent_dist
-        mean, logvar = (t.to("cpu", storage_dtype).contiguous() for t in (posterior.mean, posterior.logvar))
+        moments = encode_moments(vae, both).to("cpu", storage_dtype)  # (2n, K, C, h, w)
+        names = moment_names(moments.shape[1])
         batch_has_labels = "class_labels" in batch
         if has_labels is not None and batch_has_labels != has_labels:
             raise ValueError("Either all items of the data set or none must have 'class_labels'.")
         has_labels = batch_has_labels
         labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
-        part = {
-            "index": torch.arange(start, start + n),
-            "mean": mean[:n],
-            "logvar": logvar[:n],
-            "flip_mean": mean[n:],
-            "flip_logvar": logvar[n:],
-            "labels": labels.cpu(),
-        }
+        part = {"index": torch.arange(start, start + n), "labels": labels.cpu()}
+        for k, name in enumerate(names):
+            part[name], part["flip_" + name] = moments[:n, k].contiguous(), moments[n:, k].contiguous()
         if features_fn is not None:
             features = features_fn(both).to("cpu").contiguous()
             part["features"], part["flip_features"] = features[:n], features[n:]
@@ -335,8 +334,8 @@ def encode_to_cache(
             **_summarize_shards(cache_dir, num_samples),
             "dtype": storage_name,
             "vae_dtype": str(vae.dtype).removeprefix("torch."),
-            "scaling_factor": float(vae.config.scaling_factor),
-            "shift_factor": float(vae.config.shift_factor or 0.0),
+            "latent_tensors": list(names),
+            **dict(zip(("shift_factor", "scaling_factor"), vae_latent_scale(vae))),
         }
         path = os.path.join(cache_dir, CACHE_INFO_NAME)
         with open(path + ".tmp", "w") as f:
@@ -348,13 +347,14 @@ def encode_to_cache(
 
 
 class CachedLatentDataset(Dataset):
-    """The posterior moments of a complete latent cache, all in memory, in the order of the encoded data set.
+    """The moments of a complete latent cache, all in memory, in the order of the encoded data set.
 
-    Item `i` is `{"moments": (2, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
-    and `logvar` of its posterior or, with `random_flip`, of its horizontal flip's with probability 0.5 (a function of
-    (seed, epoch, index): [`~dit_hf.training.flip_flags`]). "class_labels" is left out for unconditional data.
+    Item `i` is `{"moments": (K, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
+    and `logvar` of its posterior (K = 2; the latents of a deterministic encoder, K = 1) or, with `random_flip`, of
+    its horizontal flip's with probability 0.5 (a function of (seed, epoch, index): [`~dit_hf.training.flip_flags`]).
+    "class_labels" is left out for unconditional data.
     Items are views of one pre-stacked tensor, so the default collate batches them with no file I/O; sample the
-    latents on the device with `sample_latents`.
+    latents on the device with `sample_latents` (`autoencoders.latents_from_moments` for either kind).
 
     Args:
         cache_dir (`str`): A directory written by `encode_to_cache`.
@@ -375,8 +375,10 @@ class CachedLatentDataset(Dataset):
             raise ValueError(f"{cache_dir!r} holds no complete latent cache (no {CACHE_INFO_NAME}). {rebuild}")
         self.info = _read_cache_info(cache_dir)
         num_samples, shape = self.info["num_samples"], self.info["latent_shape"]
-        # (N, 2, 2, C, h, w): [sample, unflipped / flipped, mean / logvar]; filled shard by shard to bound peak memory.
-        self.moments = torch.empty(num_samples, 2, 2, *shape, dtype=STORAGE_DTYPES[self.info["dtype"]])
+        names = self.info.get("latent_tensors", GAUSSIAN_MOMENTS)  # caches made before deterministic encoders
+        # (N, 2, K, C, h, w): [sample, unflipped / flipped, mean / logvar or latents]; filled shard by shard to bound
+        # peak memory.
+        self.moments = torch.empty(num_samples, 2, len(names), *shape, dtype=STORAGE_DTYPES[self.info["dtype"]])
         self.labels = torch.empty(num_samples, dtype=torch.long)
         feature_shape = self.info.get("feature_shape")
         self.features = None  # (N, 2, ...) encoder features, allocated from the first shard (its dtype)
@@ -387,7 +389,8 @@ class CachedLatentDataset(Dataset):
                 raise ValueError(f"The latent cache is incomplete: shard {name} is missing. {rebuild}")
             try:
                 with safe_open(path, framework="pt") as f:
-                    keys = SHARD_TENSORS + (FEATURE_TENSORS if feature_shape is not None else ())
+                    keys = ("index", *names, *("flip_" + key for key in names), "labels")
+                    keys += FEATURE_TENSORS if feature_shape is not None else ()
                     shard = {key: f.get_tensor(key) for key in keys}
             except (SafetensorError, OSError) as err:
                 raise ValueError(
@@ -396,13 +399,13 @@ class CachedLatentDataset(Dataset):
             index = shard["index"]
             if index.numel() and not (0 <= int(index.min()) and int(index.max()) < num_samples):
                 raise ValueError(f"The latent cache is corrupt: shard {name} has indices out of range. {rebuild}")
-            moment_shapes = [list(shard[key].shape) for key in SHARD_TENSORS[1:5]]
-            if moment_shapes != 4 * [[index.numel(), *shape]] or shard["labels"].shape != index.shape:
+            moment_shapes = [list(shard[prefix + key].shape) for prefix in ("", "flip_") for key in names]
+            if moment_shapes != 2 * len(names) * [[index.numel(), *shape]] or shard["labels"].shape != index.shape:
                 raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong shape. {rebuild}")
             seen.index_add_(0, index, torch.ones_like(index))
             for flip, prefix in enumerate(("", "flip_")):
-                self.moments[index, flip, 0] = shard[prefix + "mean"]
-                self.moments[index, flip, 1] = shard[prefix + "logvar"]
+                for k, key in enumerate(names):
+                    self.moments[index, flip, k] = shard[prefix + key]
             self.labels[index] = shard["labels"]
             if feature_shape is not None:
                 if list(shard["features"].shape) != [index.numel(), *feature_shape]:
