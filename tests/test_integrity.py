@@ -215,3 +215,13 @@ def test_a_rollback_skips_a_checkpoint_that_fails_verification(two_checkpoints, 
     with caplog.at_level(logging.WARNING):
         assert newest_finite_checkpoint(str(checkpoints)).endswith("checkpoint-2")
     assert str(checkpoints / "checkpoint-4" / "optimizer.bin") in caplog.text
+
+
+def test_a_resume_refuses_another_latent_normalisation():
+    """`--latent_norm` decides what the latents the weights were trained on look like: a change is refused."""
+    from dit_hf.resume import compare_run_settings
+
+    saved = {"latent_norm": "scale", "vae": "ae", "learning_rate": 1e-3}
+    with pytest.raises(ValueError, match="--latent_norm 'scale' in the checkpoint, 'channel' now"):
+        compare_run_settings(saved, {**saved, "latent_norm": "channel"})
+    assert compare_run_settings(saved, {**saved, "learning_rate": 2e-3}) == [("learning_rate", 1e-3, 2e-3)]

@@ -20,6 +20,7 @@ MEANING_SETTINGS = (
     "beta_schedule",
     "vae",
     "vae_subfolder",
+    "latent_norm",
     "image_channels",
     "resolution",
     "repa_encoder",
