@@ -106,16 +106,19 @@ import os, sys
 from accelerate import PartialState
 from dit_hf.ownership import own_output_dir
 rank = os.environ["RANK"]
+def say(line):  # one write per line: print's separate newline lets the two processes' lines interleave
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
 try:
     with own_output_dir(sys.argv[1]):
-        print(f"rank {rank} entered", flush=True)
+        say(f"rank {rank} entered")
 except ValueError as err:
     # Only the main process reads the lock: the other one learns the refusal from it.
-    print(f"rank {rank} of {PartialState().num_processes} refused: {err}", flush=True)
+    say(f"rank {rank} of {PartialState().num_processes} refused: {err}")
 """
 
 
-@pytest.mark.slow  # two torchrun processes: ~25 s on 2 cores
+@pytest.mark.slow  # two torchrun processes: ~10 s on 2 cores
 def test_with_several_processes_all_fail_together_when_the_folder_is_locked(tmp_path):
     owner = plant_lock(tmp_path / "out", os.getppid())
     script = tmp_path / "locked.py"

@@ -210,6 +210,9 @@ def own_output_dir(output_dir: str, resume_from_checkpoint: str | None = None, o
             error = str(err)
     if state.num_processes > 1:
         error = broadcast_object_list([error])[0]
+        # A barrier last: a gloo group torn down (a refused run exits) while its threads still release the broadcast's
+        # buffers aborts the process ("terminate called without an active exception").
+        state.wait_for_everyone()
     if error is not None:
         raise ValueError(error)
     try:
