@@ -19,16 +19,22 @@ The dataset given to `encode_to_cache` must be built without random flipping: th
 
 Layout of a cache directory:
 
-- `shard-{process:05d}-{k:05d}.safetensors`: the k-th shard written by one process, with tensors `index` (long, the
-  dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`) and `labels` (long, -1 when
-  the data set is unconditional), and the metadata `has_labels`.
+- `shard-{k:06d}.safetensors`: data set items `k * samples_per_shard` up to the next shard's first, with tensors
+  `index` (long, the dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`) and
+  `labels` (long, -1 when the data set is unconditional), and the metadata `has_labels` and `build` (the fingerprint
+  and storage settings it was written with). Which items a shard holds does not depend on the number of processes.
 - `cache_info.json`: written last, by the main process, once every shard is on disk and checked. Its presence marks
   the cache complete. A directory without it is the remains of an interrupted run: `check_cache` answers False and
-  `encode_to_cache` deletes its shards before encoding again.
+  `encode_to_cache` keeps the finished shards written with the same `build` (a shard is renamed into place only once
+  fully written), deletes everything else, and encodes only the missing shards, with any number of processes.
+
+Reading: `CachedLatentDataset` maps the shard files (`dit_hf.shards.ShardedRows`) and copies out only the rows of each
+batch, so a process's private memory does not grow with the data set, and the processes of a machine share one copy
+of the cache in the page cache.
 
 Precision: moments are stored in float32 by default, so that sampling from the cache is identical to sampling from
 `vae.encode(x).latent_dist`. `storage_dtype=torch.float16` halves the size (at 256 px with the SD VAE, 64 KiB per
-image in float32, about 84 GB for ImageNet-1k's 1.28M images, all of which `CachedLatentDataset` holds in memory) at
+image in float32, about 84 GB for ImageNet-1k's 1.28M images, read through the page cache) at
 the cost of rounding each moment to a relative 2**-11 ≈ 4.9e-4; for a narrow posterior that error in `mean` can be
 a sizeable fraction of the standard deviation it is sampled with, so use float16 only when float32 does not fit.
 bfloat16 (a relative 2**-8) is refused.
@@ -40,11 +46,12 @@ import re
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .shards import ShardedRows, ShardError, shard_metadata
 from .training import whole_batch_collate
 
 CACHE_FORMAT_VERSION = 1
@@ -54,7 +61,9 @@ SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels"
 FEATURE_TENSORS = ("features", "flip_features")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Finished shards and the temporary files of interrupted writes (`<shard>.tmp`): a rebuild removes both.
-_SHARD_PATTERN = re.compile(r"^shard-\d{5}-\d{5}\.safetensors(\.tmp)?$")
+_SHARD_PATTERN = re.compile(r"^shard-(\d{5}-\d{5}|\d{6})\.safetensors(\.tmp)?$")
+# Shards named by their position in the data set (`shard_name`); the older per-process names are only ever deleted.
+_NEW_SHARD_PATTERN = re.compile(r"^shard-\d{6}\.safetensors$")
 # DiagonalGaussianDistribution clamps logvar to this range before computing the standard deviation.
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -167,16 +176,46 @@ def process_indices(num_samples: int, process_index: int, num_processes: int) ->
     return range(start, start + base + (process_index < extra))
 
 
-def _remove_stale_files(cache_dir: str) -> None:
-    """Deletes the completion marker first, so that a half-rebuilt cache is never taken for a complete one."""
+def shard_name(k: int) -> str:
+    """The file of the k-th shard: items `k * samples_per_shard` up to the next shard's first."""
+    return f"shard-{k:06d}.safetensors"
+
+
+def _build_settings(fingerprint: dict, num_samples: int, samples_per_shard: int, storage_name: str, features: bool):
+    """What decides a shard's bytes besides its items; a finished shard is kept on relaunch only if this matches."""
+    return json.dumps(
+        {
+            "fingerprint": _json_safe(fingerprint),
+            "num_samples": num_samples,
+            "samples_per_shard": samples_per_shard,
+            "dtype": storage_name,
+            "features": features,
+        },
+        sort_keys=True,
+    )
+
+
+def _keep_finished_shards(cache_dir: str, build: str) -> None:
+    """Deletes everything of an earlier run except the finished shards written with `build`.
+
+    The completion marker goes first, so that a half-rebuilt cache is never taken for a complete one. Temporary files
+    (`<shard>.tmp`, an interrupted write), shards of other settings or another layout, and unreadable shards go too.
+    """
     for name in [CACHE_INFO_NAME, CACHE_INFO_NAME + ".tmp"] + sorted(os.listdir(cache_dir)):
         path = os.path.join(cache_dir, name)
-        if (name.startswith(CACHE_INFO_NAME) or _SHARD_PATTERN.match(name)) and os.path.isfile(path):
-            os.remove(path)
+        if not os.path.isfile(path) or not (name.startswith(CACHE_INFO_NAME) or _SHARD_PATTERN.match(name)):
+            continue
+        if _NEW_SHARD_PATTERN.match(name):
+            try:
+                if shard_metadata(path).get("build") == build:
+                    continue
+            except ShardError:
+                pass  # e.g. a file cut short by a full disk: encoded again
+        os.remove(path)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    # A crash mid-write leaves only `<path>.tmp`, which no reader looks at and the next rebuild removes.
+    # A crash mid-write leaves only `<path>.tmp`, which no reader looks at and the next run removes.
     save_file(tensors, path + ".tmp", metadata=metadata)
     os.replace(path + ".tmp", path)
 
@@ -217,6 +256,60 @@ def _summarize_shards(cache_dir: str, num_samples: int) -> dict:
     }
 
 
+def _check_encode_arguments(dataset, cache_dir, batch_size, fingerprint, samples_per_shard, storage_dtype) -> str:
+    """Raises ValueError for unusable arguments; returns the storage dtype's name."""
+    storage_name = str(storage_dtype).removeprefix("torch.")
+    if storage_name not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype={storage_dtype} is not supported; use torch.float32 or torch.float16.")
+    if batch_size < 1 or samples_per_shard < 1:
+        raise ValueError(f"batch_size={batch_size} and samples_per_shard={samples_per_shard} must be >= 1.")
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise ValueError("The data set to cache is empty; check --train_data_dir / --dataset_name.")
+    if num_samples > fingerprint.get("num_samples", num_samples):
+        raise ValueError(
+            f"The fingerprint is for {fingerprint['num_samples']} samples but the data set has {num_samples}; build "
+            "the fingerprint with cache_fingerprint(..., num_samples=len(dataset))."
+        )
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ValueError(f"--cache_latents {cache_dir!r} is a file; pass a directory.")
+    return storage_name
+
+
+def _shards_to_encode(accelerator, cache_dir: str, num_samples: int, samples_per_shard: int) -> list[int]:
+    """This process's share of the shards not yet on disk (after the main process removed the unusable ones)."""
+    finished = set(os.listdir(cache_dir))
+    num_shards = -(-num_samples // samples_per_shard)
+    missing = [k for k in range(num_shards) if shard_name(k) not in finished]
+    # Everyone has listed the directory before anyone adds to it, so all processes agree on `missing`.
+    accelerator.wait_for_everyone()
+    return [missing[i] for i in process_indices(len(missing), accelerator.process_index, accelerator.num_processes)]
+
+
+def _encode_batch(vae, batch: dict, start: int, storage_dtype: torch.dtype, features_fn) -> dict:
+    """One batch of images and their flips -> the tensors of its shard rows."""
+    pixel_values = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
+    n = pixel_values.shape[0]
+    # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
+    both = torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])
+    posterior = vae.encode(both).latent_dist
+    mean, logvar = (t.to("cpu", storage_dtype).contiguous() for t in (posterior.mean, posterior.logvar))
+    has_labels = "class_labels" in batch
+    labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
+    part = {
+        "index": torch.arange(start, start + n),
+        "mean": mean[:n],
+        "logvar": logvar[:n],
+        "flip_mean": mean[n:],
+        "flip_logvar": logvar[n:],
+        "labels": labels.cpu(),
+    }
+    if features_fn is not None:
+        features = features_fn(both).to("cpu").contiguous()
+        part["features"], part["flip_features"] = features[:n], features[n:]
+    return part
+
+
 @torch.no_grad()
 def encode_to_cache(
     accelerator,
@@ -233,9 +326,11 @@ def encode_to_cache(
 ) -> str:
     """Encodes `dataset` and its horizontal flip with the frozen `vae` into a latent cache in `cache_dir`.
 
-    Every process of `accelerator` must call this: each encodes its share of the indices (`process_indices`) on its
-    device, then the main process checks the shards and writes `cache_info.json`, which marks the cache complete.
-    Shards and cache info left in `cache_dir` by an earlier run are deleted first.
+    Every process of `accelerator` must call this: the shards still missing are split between the processes
+    (`process_indices`), each encodes its shards on its device, then the main process checks the shards and writes
+    `cache_info.json`, which marks the cache complete. An interrupted run resumes: the finished shards of a run with
+    the same fingerprint and storage settings are kept, whatever number of processes wrote them; anything else left
+    in `cache_dir` by an earlier run is deleted first.
 
     Args:
         accelerator (`accelerate.Accelerator`): Gives the process index, the number of processes and the barrier.
@@ -245,11 +340,12 @@ def encode_to_cache(
             [-1, 1]) and, for labelled data, "class_labels" (a long scalar). Build it without random flipping.
         cache_dir (`str`): The directory to write to; created if absent. All processes must see the same directory.
         batch_size (`int`, defaults to 64): Images per VAE call on each process. Each call also encodes their flips,
-            so the VAE sees `2 * batch_size` images at a time.
+            so the VAE sees `2 * batch_size` images at a time. Batches never straddle two shards.
         fingerprint (`dict`): From `cache_fingerprint`; stored so `check_cache` can tell whether the cache matches.
+            Its `num_samples` may exceed `len(dataset)` by the rows dropped as unreadable.
         num_workers (`int`, defaults to 0): DataLoader worker processes for reading the images.
-        samples_per_shard (`int`, defaults to 4096): A shard is written once this many samples are buffered (whole
-            batches, so up to `batch_size - 1` more), bounding the memory held before a write.
+        samples_per_shard (`int`, defaults to 4096): Items per shard (the last one holds the rest): the unit of work
+            that a relaunch does not repeat, and a bound on the memory held before a write.
         storage_dtype (`torch.dtype`, defaults to `torch.float32`): `torch.float32`, or `torch.float16` to halve the
             size of the cache (see the module docstring).
         features_fn (`Callable`, *optional*): images `(B, 3, R, R)` in [-1, 1] on the VAE's device -> a CPU tensor
@@ -260,100 +356,69 @@ def encode_to_cache(
     Returns:
         `cache_dir`.
     """
-    storage_name = str(storage_dtype).removeprefix("torch.")
-    if storage_name not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype={storage_dtype} is not supported; use torch.float32 or torch.float16.")
-    if batch_size < 1 or samples_per_shard < 1:
-        raise ValueError(f"batch_size={batch_size} and samples_per_shard={samples_per_shard} must be >= 1.")
+    storage_name = _check_encode_arguments(
+        dataset, cache_dir, batch_size, fingerprint, samples_per_shard, storage_dtype
+    )
     num_samples = len(dataset)
-    if num_samples == 0:
-        raise ValueError("The data set to cache is empty; check --train_data_dir / --dataset_name.")
-    if fingerprint.get("num_samples", num_samples) != num_samples:
-        raise ValueError(
-            f"The fingerprint is for {fingerprint['num_samples']} samples but the data set has {num_samples}; build "
-            "the fingerprint with cache_fingerprint(..., num_samples=len(dataset))."
-        )
-    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
-        raise ValueError(f"--cache_latents {cache_dir!r} is a file; pass a directory.")
-
+    build = _build_settings(fingerprint, num_samples, samples_per_shard, storage_name, features_fn is not None)
     if accelerator.is_main_process:
         os.makedirs(cache_dir, exist_ok=True)
-        _remove_stale_files(cache_dir)
-    # No process may write a shard before the main process has finished deleting the old ones.
+        _keep_finished_shards(cache_dir, build)
+    # No process may list or write shards before the main process has finished deleting the unusable ones.
     accelerator.wait_for_everyone()
 
-    share = process_indices(num_samples, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    buffer, buffered, shard_count, has_labels = [], 0, 0, None
-
-    def write_shard():
-        nonlocal buffer, buffered, shard_count
-        keys = SHARD_TENSORS + (FEATURE_TENSORS if features_fn is not None else ())
-        tensors = {key: torch.cat([part[key] for part in buffer]) for key in keys}
-        name = f"shard-{accelerator.process_index:05d}-{shard_count:05d}.safetensors"
-        _atomic_save(tensors, os.path.join(cache_dir, name), {"has_labels": str(has_labels).lower()})
-        buffer, buffered, shard_count = [], 0, shard_count + 1
-
-    start = share.start
-    for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
-        pixel_values = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
-        n = pixel_values.shape[0]
-        # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
-        both = torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])
-        posterior = vae.encode(both).latent_dist
-        mean, logvar = (t.to("cpu", storage_dtype).contiguous() for t in (posterior.mean, posterior.logvar))
-        batch_has_labels = "class_labels" in batch
-        if has_labels is not None and batch_has_labels != has_labels:
-            raise ValueError("Either all items of the data set or none must have 'class_labels'.")
-        has_labels = batch_has_labels
-        labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
-        part = {
-            "index": torch.arange(start, start + n),
-            "mean": mean[:n],
-            "logvar": logvar[:n],
-            "flip_mean": mean[n:],
-            "flip_logvar": logvar[n:],
-            "labels": labels.cpu(),
-        }
-        if features_fn is not None:
-            features = features_fn(both).to("cpu").contiguous()
-            part["features"], part["flip_features"] = features[:n], features[n:]
-        buffer.append(part)
-        start, buffered = start + n, buffered + n
-        if buffered >= samples_per_shard:
-            write_shard()
-    if buffer:
-        write_shard()
+    mine = _shards_to_encode(accelerator, cache_dir, num_samples, samples_per_shard)
+    spans = [range(k * samples_per_shard, min(num_samples, (k + 1) * samples_per_shard)) for k in mine]
+    batches = [list(span[i : i + batch_size]) for span in spans for i in range(0, len(span), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    parts, shards = [], iter(zip(mine, spans))
+    shard, span = next(shards, (None, None))
+    progress = tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process)
+    for batch, indices in zip(progress, batches):
+        parts.append(_encode_batch(vae, batch, indices[0], storage_dtype, features_fn))
+        if indices[-1] == span[-1]:  # the shard's last batch
+            tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            has_labels = str("class_labels" in batch).lower()
+            _atomic_save(
+                tensors, os.path.join(cache_dir, shard_name(shard)), {"has_labels": has_labels, "build": build}
+            )
+            parts = []
+            shard, span = next(shards, (None, None))
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        info = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "fingerprint": _json_safe(fingerprint),
-            "num_samples": num_samples,
-            **_summarize_shards(cache_dir, num_samples),
-            "dtype": storage_name,
-            "vae_dtype": str(vae.dtype).removeprefix("torch."),
-            "scaling_factor": float(vae.config.scaling_factor),
-            "shift_factor": float(vae.config.shift_factor or 0.0),
-        }
-        path = os.path.join(cache_dir, CACHE_INFO_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(path + ".tmp", path)
+        _write_cache_info(cache_dir, fingerprint, num_samples, storage_name, vae)
     # Nobody reads the cache before it is marked complete.
     accelerator.wait_for_everyone()
     return cache_dir
 
 
+def _write_cache_info(cache_dir: str, fingerprint: dict, num_samples: int, storage_name: str, vae) -> None:
+    info = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "fingerprint": _json_safe(fingerprint),
+        "num_samples": num_samples,
+        **_summarize_shards(cache_dir, num_samples),
+        "dtype": storage_name,
+        "vae_dtype": str(vae.dtype).removeprefix("torch."),
+        "scaling_factor": float(vae.config.scaling_factor),
+        "shift_factor": float(vae.config.shift_factor or 0.0),
+    }
+    path = os.path.join(cache_dir, CACHE_INFO_NAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 class CachedLatentDataset(Dataset):
-    """The posterior moments of a complete latent cache, all in memory, in the order of the encoded data set.
+    """The posterior moments of a complete latent cache, read from memory-mapped shards, in the data set's order.
 
     Item `i` is `{"moments": (2, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
     and `logvar` of its posterior or, with `random_flip`, of its horizontal flip's with probability 0.5 (drawn from
     torch's global RNG, which DataLoader seeds per worker). "class_labels" is left out for unconditional data.
-    Items are views of one pre-stacked tensor, so the default collate batches them with no file I/O; sample the
-    latents on the device with `sample_latents`.
+    Opening a cache reads the shards' headers and `index` tensors only; each item is copied out of the mapped files
+    when asked for, so private memory stays flat however large the cache, and the processes of one machine share the
+    file pages. Sample the latents on the device with `sample_latents`.
 
     Args:
         cache_dir (`str`): A directory written by `encode_to_cache`.
@@ -361,7 +426,7 @@ class CachedLatentDataset(Dataset):
 
     Raises:
         `ValueError`: If the cache is incomplete or corrupt (no `cache_info.json`, a missing or unreadable shard, a
-            missing or repeated index); the message says to delete it and rerun.
+            missing or repeated index, wrong shapes); the message says to delete it and rerun.
     """
 
     def __init__(self, cache_dir: str, random_flip: bool = False):
@@ -371,48 +436,33 @@ class CachedLatentDataset(Dataset):
         if not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
             raise ValueError(f"{cache_dir!r} holds no complete latent cache (no {CACHE_INFO_NAME}). {rebuild}")
         self.info = _read_cache_info(cache_dir)
-        num_samples, shape = self.info["num_samples"], self.info["latent_shape"]
-        # (N, 2, 2, C, h, w): [sample, unflipped / flipped, mean / logvar]; filled shard by shard to bound peak memory.
-        self.moments = torch.empty(num_samples, 2, 2, *shape, dtype=STORAGE_DTYPES[self.info["dtype"]])
-        self.labels = torch.empty(num_samples, dtype=torch.long)
-        feature_shape = self.info.get("feature_shape")
-        self.features = None  # (N, 2, ...) encoder features, allocated from the first shard (its dtype)
-        seen = torch.zeros(num_samples, dtype=torch.long)
         for name in self.info["shards"]:
-            path = os.path.join(cache_dir, name)
-            if not os.path.isfile(path):
+            if not os.path.isfile(os.path.join(cache_dir, name)):
                 raise ValueError(f"The latent cache is incomplete: shard {name} is missing. {rebuild}")
-            try:
-                with safe_open(path, framework="pt") as f:
-                    keys = SHARD_TENSORS + (FEATURE_TENSORS if feature_shape is not None else ())
-                    shard = {key: f.get_tensor(key) for key in keys}
-            except (SafetensorError, OSError) as err:
-                raise ValueError(
-                    f"The latent cache is corrupt: shard {name} is unreadable ({err}). {rebuild}"
-                ) from err
-            index = shard["index"]
-            if index.numel() and not (0 <= int(index.min()) and int(index.max()) < num_samples):
-                raise ValueError(f"The latent cache is corrupt: shard {name} has indices out of range. {rebuild}")
-            moment_shapes = [list(shard[key].shape) for key in SHARD_TENSORS[1:5]]
-            if moment_shapes != 4 * [[index.numel(), *shape]] or shard["labels"].shape != index.shape:
-                raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong shape. {rebuild}")
-            seen.index_add_(0, index, torch.ones_like(index))
-            for flip, prefix in enumerate(("", "flip_")):
-                self.moments[index, flip, 0] = shard[prefix + "mean"]
-                self.moments[index, flip, 1] = shard[prefix + "logvar"]
-            self.labels[index] = shard["labels"]
-            if feature_shape is not None:
-                if list(shard["features"].shape) != [index.numel(), *feature_shape]:
-                    raise ValueError(f"The latent cache is corrupt: shard {name} has wrong feature shapes. {rebuild}")
-                if self.features is None:
-                    self.features = torch.empty(num_samples, 2, *feature_shape, dtype=shard["features"].dtype)
-                self.features[index, 0] = shard["features"]
-                self.features[index, 1] = shard["flip_features"]
-        if not bool((seen == 1).all()):
-            raise ValueError(
-                f"The latent cache is incomplete or corrupt: {int((seen == 0).sum())} of {num_samples} samples are "
-                f"missing and {int((seen > 1).sum())} repeated. {rebuild}"
+        try:
+            self.rows = ShardedRows(
+                [os.path.join(cache_dir, n) for n in self.info["shards"]], self.info["num_samples"]
             )
+        except ShardError as err:
+            name = os.path.basename(err.path)
+            raise ValueError(f"The latent cache is corrupt: shard {name} is unreadable ({err}). {rebuild}") from err
+        except ValueError as err:
+            raise ValueError(f"The latent cache is incomplete or corrupt: {err}. {rebuild}") from err
+        self._check_shapes(rebuild)
+
+    def _check_shapes(self, rebuild: str) -> None:
+        latent_shape, feature_shape = self.info["latent_shape"], self.info.get("feature_shape")
+        expected = {key: latent_shape for key in SHARD_TENSORS[1:5]} | {"labels": []}
+        if feature_shape is not None:
+            expected |= {key: feature_shape for key in FEATURE_TENSORS}
+        dtype = STORAGE_DTYPES[self.info["dtype"]]
+        for shard, count in zip(self.rows.shards, self.rows.counts):
+            name = os.path.basename(shard.path)
+            for key, shape in expected.items():
+                if key not in shard.header or list(shard.shape(key)) != [int(count), *shape]:
+                    raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong shape. {rebuild}")
+            if any(shard.dtype(key) != dtype for key in SHARD_TENSORS[1:5]):
+                raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong dtype. {rebuild}")
 
     @property
     def scaling_factor(self) -> float:
@@ -428,39 +478,44 @@ class CachedLatentDataset(Dataset):
     def has_labels(self) -> bool:
         return self.info["has_labels"]
 
+    @property
+    def has_features(self) -> bool:
+        return self.info.get("feature_shape") is not None
+
     def __len__(self) -> int:
-        return self.moments.shape[0]
+        return len(self.rows)
+
+    def gather(self, indices: list[int], flip: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The items `indices` as one batch, each from its flip when `flip` (a 0/1 tensor, one per index) says so."""
+        flip = flip.numpy()
+        mean = self.rows.gather(["mean", "flip_mean"], indices, flip)
+        logvar = self.rows.gather(["logvar", "flip_logvar"], indices, flip)
+        batch = {"moments": torch.stack([mean, logvar], dim=1)}  # (B, 2, C, h, w): [mean, logvar]
+        if self.has_labels:
+            batch["class_labels"] = self.rows.gather(["labels"], indices)
+        if self.has_features:
+            batch["repa_features"] = self.rows.gather(list(FEATURE_TENSORS), indices, flip)
+        return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        item = {"moments": self.moments[i, int(flip)]}
-        if self.has_labels:
-            item["class_labels"] = self.labels[i]
-        if self.features is not None:
-            item["repa_features"] = self.features[i, int(flip)]
-        return item
+        return {key: value[0] for key, value in self.gather([i], torch.tensor([int(flip)])).items()}
 
 
 class BatchedCachedLatents(CachedLatentDataset):
-    """[`CachedLatentDataset`] that hands the DataLoader whole batches, made with one gather instead of one view per
-    item and a stack (about 15× faster on CPU at 32×32×4 latents; see bench/bench_loader.py).
+    """[`CachedLatentDataset`] that hands the DataLoader whole batches, made with one gather per shard instead of one
+    read per item and a stack (about 15× faster on CPU at 32×32×4 latents; see bench/bench_loader.py).
 
     DataLoader calls `__getitems__` with a batch's indices; build it with `collate_fn=BatchedCachedLatents.collate`,
     which passes the ready batch through. Flips are drawn from torch's global RNG, one per item, like the parent.
     """
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
         if self.random_flip:
             flip = (torch.rand(len(indices)) < 0.5).long()
         else:
             flip = torch.zeros(len(indices), dtype=torch.long)
-        batch = {"moments": self.moments[index, flip]}
-        if self.has_labels:
-            batch["class_labels"] = self.labels[index]
-        if self.features is not None:
-            batch["repa_features"] = self.features[index, flip]
-        return batch
+        return self.gather(indices, flip)
 
     collate = staticmethod(whole_batch_collate)
 
