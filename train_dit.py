@@ -41,7 +41,6 @@ from dit_hf.data import (
     check_labels,
     check_resolution,
     class_names,
-    drop_unreadable_images,
     first_image,
     infer_num_classes,
     load_image_dataset,
@@ -51,7 +50,15 @@ from dit_hf.data import (
 from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
 from dit_hf.hub import refuse_token_arguments
-from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache, sample_latents
+from dit_hf.image_checks import default_store_dir, drop_unreadable_images_once
+from dit_hf.latents import (
+    BatchedCachedLatents,
+    cache_covers_dataset,
+    cache_fingerprint,
+    check_cache,
+    encode_to_cache,
+    sample_latents,
+)
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import OBJECTIVES, loss_by_timestep_quartile, make_objective, make_scheduler, shift_for_dimension
 from dit_hf.pipeline_dit import DDPM_FAMILIES, FLOW_FAMILIES, check_guidance_scale, image_grid
@@ -590,12 +597,17 @@ def main(args: argparse.Namespace) -> dict:
         )
         image_column, label_column = resolve_columns(ds, args.image_column, args.label_column)
         ds = select_subset(ds, args.max_train_samples, seed=args.seed)
-        if args.train_data_dir or args.dataset_name:
-            # Decodes every image once, in parallel; only the subset that will be trained on.
-            num_proc = max(1, min(os.cpu_count() or 1, 16)) if len(ds) > 10_000 else None
-            ds, bad = drop_unreadable_images(ds, image_column, args.max_bad_image_fraction, num_proc=num_proc)
-            if bad:
-                logger.warning("Skipped %d unreadable images, e.g. %s", len(bad), [p for _, p in bad[:5]])
+    source_fingerprint, source_len = getattr(ds, "_fingerprint", ""), len(ds)  # the latent cache's key
+    if (args.train_data_dir or args.dataset_name) and not cache_covers_dataset(
+        args.cache_latents, source_fingerprint, source_len
+    ):
+        # Decodes every image once per data set, on the main process (in parallel); the answer is stored.
+        num_proc = max(1, min(os.cpu_count() or 1, 16)) if len(ds) > 10_000 else None
+        ds, bad = drop_unreadable_images_once(
+            accelerator, ds, image_column, args.max_bad_image_fraction, default_store_dir(args.cache_dir), num_proc
+        )
+        if bad:
+            logger.warning("Skipped %d unreadable images, e.g. %s", len(bad), [p for _, p in bad[:5]])
     num_classes = args.num_classes if args.num_classes is not None else (infer_num_classes(ds, label_column) or 0)
     if label_column is None:
         num_classes = 0
@@ -650,10 +662,10 @@ def main(args: argparse.Namespace) -> dict:
         fingerprint = cache_fingerprint(
             args.vae,
             dict(vae.config),
-            getattr(ds, "_fingerprint", ""),
+            source_fingerprint,
             args.resolution,
             args.center_crop,
-            len(ds),
+            source_len,
             features=features_id,
         )
         if not check_cache(args.cache_latents, fingerprint):

@@ -88,10 +88,12 @@ def cache_fingerprint(
         vae_name_or_path (`str`): The Hub id or folder the VAE was loaded from.
         vae_config (`dict`): `vae.config`. Keys starting with "_" (`_name_or_path`, `_diffusers_version`,
             `_use_default_values`) are left out: they record where and how the config was read, not what it encodes.
-        dataset_fingerprint (`str`): Identifies the images and their order, e.g. `datasets.Dataset._fingerprint`.
+        dataset_fingerprint (`str`): Identifies the images and their order, e.g. `datasets.Dataset._fingerprint`, of
+            the data set before unreadable images are dropped (so that a complete cache is found without a scan).
         resolution (`int`): The side of the square images fed to the VAE.
         center_crop (`bool`): Whether the images were center-cropped (else randomly cropped) to `resolution`.
-        num_samples (`int`): The number of images in the data set.
+        num_samples (`int`): The number of images in the data set, before unreadable ones are dropped (the cache may
+            hold fewer).
         features (`str`, *optional*): Identifies the encoder whose features are cached too (e.g. the REPA encoder's
             id and input size); `None` for a cache of latents alone.
     """
@@ -159,6 +161,18 @@ def check_cache(cache_dir: str, fingerprint: dict) -> bool:
             "Pass another --cache_latents directory, or delete this one to rebuild it."
         )
     return True
+
+
+def cache_covers_dataset(cache_dir: str | None, dataset_fingerprint: str, num_samples: int) -> bool:
+    """Whether `cache_dir` holds a complete cache made from this data set (`cache_fingerprint`'s `dataset` and
+    `num_samples`), whatever its other settings: training will then read latents only, and the images need no check.
+
+    A cache whose other settings differ is still refused later, by `check_cache`.
+    """
+    if not cache_dir or not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
+        return False
+    stored = _read_cache_info(cache_dir).get("fingerprint", {})
+    return stored.get("dataset") == str(dataset_fingerprint) and stored.get("num_samples") == int(num_samples)
 
 
 def process_indices(num_samples: int, process_index: int, num_processes: int) -> range:
