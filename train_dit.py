@@ -47,6 +47,7 @@ from dit_hf.data import (
     resolve_columns,
     select_subset,
 )
+from dit_hf.distributed import enable_fsdp_on_cpu, full_tensor, gather_full_model, unsharded_copy
 from dit_hf.ema import EMAModels, load_ema, parse_ema_decays, save_ema
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe, strip_fp8
 from dit_hf.hub import refuse_token_arguments
@@ -574,6 +575,7 @@ def main(args: argparse.Namespace) -> dict:
         # accelerate converts the model in `prepare`: FP8 only in the blocks' token-wise layers (dit_hf.fp8).
         kwargs_handlers=[fp8_recipe()] if fp8 else None,
     )
+    enable_fsdp_on_cpu(accelerator)  # accelerate runs an FSDP config on CPU processes as plain DDP otherwise
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     # The precision in effect, also when it came from the accelerate config: trackers and the model card record it.
     args.mixed_precision = accelerator.mixed_precision
@@ -737,17 +739,21 @@ def main(args: argparse.Namespace) -> dict:
     )
     if args.compile:
         model.compile_repeated_blocks(fullgraph=True)
+    plain = unsharded_copy(accelerator, model)  # under FSDP: a whole model to export and checkpoint from
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
     if projector is not None:
         projector = accelerator.prepare(projector)
+    # FSDP swaps in sharded parameters in `prepare`: clip the ones the optimizer now holds.
+    trained_params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     ema.to(accelerator.device)
     if vae is not None:
         vae.to(accelerator.device)
 
     def save_model_hook(models, weights, output_dir):
         # Checkpoints hold diffusers folders (loadable with from_pretrained) instead of raw state dicts.
+        models = [gather_full_model(accelerator, m, plain) for m in models]  # FSDP: every process gathers
         if accelerator.is_main_process:
             for m in models:
                 m = accelerator.unwrap_model(m)
@@ -796,7 +802,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def ema_model(index: int) -> DiTModel:
         # Plain linear layers (no FP8) for sampling and saving: the model a user loads from the saved folder.
-        return strip_fp8(ema.averaged_model(unwrapped, index))
+        return strip_fp8(ema.averaged_model(unwrapped if plain is None else plain, index))
 
     evaluator = {"extractor": None, "reference": None, "probe": None, "last": None}
     validation_classes = args.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
@@ -876,7 +882,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
-                    sums[2] += grad_norm.detach().to(sums.device, torch.float64)
+                    sums[2] += full_tensor(grad_norm.detach()).to(sums.device, torch.float64)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
