@@ -163,7 +163,8 @@ def launch_to_first_step(nproc: int, data_dir: str, hf_cache: str, vae: str, cac
         workers = [p for p in descendants(proc.pid) if _is_trainer(p)]
         per_process = [memory(p) for p in workers]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     if os.stat(os.path.join(cache_dir, "cache_info.json")).st_mtime_ns != info_mtime:
         raise RuntimeError("the trainer rebuilt the cache: the benchmark's fingerprint differs from the trainer's")
