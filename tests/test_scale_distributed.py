@@ -105,3 +105,26 @@ def test_two_nodes_of_two_processes_equal_four_processes_on_one_node(tmp_path):
     assert_same_weights(weights(tmp_path / "two_nodes"), weights(tmp_path / "one_node"), atol=1e-5)
     ranks = sorted(p.name for p in (tmp_path / "two_nodes" / "checkpoints" / "checkpoint-3").glob("random_states_*"))
     assert ranks == [f"random_states_{r}.pkl" for r in range(4)]  # 4 processes in all, across the two launchers
+
+
+@pytest.mark.slow
+def test_images_are_checked_by_one_process_once(tmp_path):
+    from PIL import Image
+
+    for cls in ("cats", "dogs"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (16, 16), (30 * i, 90 if cls == "cats" else 180, 0)).save(
+                tmp_path / "data" / cls / f"{i}.png"
+            )
+    (tmp_path / "data" / "dogs" / "broken.png").write_bytes(b"not a png")
+    data = ("--train_data_dir", str(tmp_path / "data"), "--resolution", "8", "--model", "DiT-S/2",
+            "--max_bad_image_fraction", "0.2", "--cache_dir", str(tmp_path / "hf"),
+            "--train_batch_size", "4")  # fmt: skip
+    launch = ("--num_processes", "2", "--main_process_port", str(free_port()))
+    first = accelerate_launch("multi_gpu.yaml", tmp_path / "a", launch, *data, steps=1)
+    # datasets' progress bar of the scan: shown once, by the main process; the other process got its answer.
+    assert first.count("Checking images: 100%") == 1
+    assert losses(tmp_path / "a")  # both processes trained on the 16 readable images
+    second = accelerate_launch("multi_gpu.yaml", tmp_path / "b", launch, *data, steps=1)
+    assert "Checking images" not in second
