@@ -15,7 +15,9 @@ The trainer uses it like this (every process runs every line; `encode_to_cache` 
     ...
     latents = sample_latents(batch["moments"], train_dataset.scaling_factor, train_dataset.shift_factor)
 
-The dataset given to `encode_to_cache` must be built without random flipping: the flip is cached alongside.
+`ds` is the data set as loaded, before unreadable images are dropped, so that a complete cache is recognised
+without decoding any image (`cache_covers_dataset`). The dataset given to `encode_to_cache` must be built without
+random flipping: the flip is cached alongside.
 
 Layout of a cache directory:
 
