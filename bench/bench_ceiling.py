@@ -40,9 +40,10 @@ from common import (  # noqa: E402
 )
 
 from dit_hf.modeling_dit import DIT_PRESETS  # noqa: E402
+from dit_hf.precision import precision_dtypes  # noqa: E402
 from dit_hf.training import dit_train_flops_per_sample  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = precision_dtypes()
 
 
 def parse_args(argv=None):

@@ -36,9 +36,10 @@ from common import (  # noqa: E402
 
 from dit_hf import DiTModel, DiTPipeline  # noqa: E402
 from dit_hf.convert import dit_to_diffusers  # noqa: E402
+from dit_hf.precision import precision_dtypes  # noqa: E402
 
 MODES = ("eager", "compile", "regional", "cudagraphs")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = precision_dtypes()
 # The sd-vae-ft-ema/mse architecture (random weights: the cost is the same); a small one on CPU.
 SD_VAE = dict(
     block_out_channels=(128, 256, 512, 512),

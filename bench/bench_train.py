@@ -2,11 +2,12 @@
 """Training throughput: dit-hf's DiTModel vs diffusers' DiTTransformer2DModel, side by side, same inputs.
 
 Both models carry the same weights (dit-hf's model exported with `dit_to_diffusers`) and run the same full training
-step: the DiT objective (ε-MSE + learned-variance VLB, `DDPMObjective`), backward, AdamW (fused, as the trainer
-builds it), gradient clipping off, and an EMA update (`EMAModels`). Only the model differs, so the ratio is the
-model's. `--fp8 dit-hf` runs the blocks' token-wise matmuls of dit-hf in FP8 (torchao; `--fp8 dit-hf,diffusers`
-applies the same to both models). `--sdpa` repeats the runs per attention backend; `--ceiling_json` (from
-bench_ceiling.py) adds each run's share of the measured matmul ceiling and of the step's shape-limited throughput.
+step: the DiT objective (ε-MSE + learned-variance VLB, `DDPMObjective`), then the trainer's own `update_step`
+(backward, AdamW fused as the trainer builds it, gradient clipping off) and an EMA update (`EMAModels`). Only the model
+differs, so the ratio is the model's. `--fp8 dit-hf` runs the blocks' token-wise matmuls of dit-hf in FP8 (torchao;
+`--fp8 dit-hf,diffusers` applies the same to both models). `--sdpa` repeats the runs per attention backend;
+`--ceiling_json` (from bench_ceiling.py) adds each run's share of the measured matmul ceiling and of the step's
+shape-limited throughput.
 
     python bench/bench_train.py                                   # CPU: a tiny config, seconds
     python bench/bench_train.py --model DiT-XL/2 --latent_size 32 --batch_size 128 --precision bf16 \\
@@ -48,6 +49,7 @@ from dit_hf.fp8 import (  # noqa: E402
     fp8_capable_linear,
 )
 from dit_hf.objective import DDPMObjective, make_ddpm_scheduler  # noqa: E402
+from dit_hf.trainer import update_step  # noqa: E402
 from dit_hf.training import dit_train_flops_per_sample, make_adamw  # noqa: E402
 
 
@@ -205,13 +207,7 @@ def make_step(args, model: torch.nn.Module, mode: str, sdpa: str = "auto"):
             loss = forward()
         if mark:
             mark("forward")
-        loss.backward()
-        if mark:
-            mark("backward")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if mark:
-            mark("optimizer")
+        update_step(loss, optimizer, mark=mark)  # the trainer's step: backward, optimizer step, zeroed gradients
         ema.update(model)
         if mark:
             mark("ema")

@@ -138,7 +138,7 @@ def test_missing_torchao_and_old_gpus_are_refused_with_the_fix(monkeypatch):
 def test_fp8_training_saves_plain_folders_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     from test_train import final_weights, losses
 
-    import train_dit
+    from dit_hf import hooks
 
     common = ["--checkpointing_steps", "2", "--mixed_precision", "fp8"]
     sampled_with = []  # the transformers that the trainer's validation and final samples ran
@@ -147,8 +147,8 @@ def test_fp8_training_saves_plain_folders_and_resumes_exactly(tmp_path, monkeypa
         sampled_with.append(count_fp8_linears(transformer))
         return real_make_pipeline(transformer, *a)
 
-    real_make_pipeline = train_dit.make_pipeline
-    monkeypatch.setattr(train_dit, "make_pipeline", make_pipeline)
+    real_make_pipeline = hooks.make_pipeline
+    monkeypatch.setattr(hooks, "make_pipeline", make_pipeline)
     with caplog.at_level("INFO"):
         run(tmp_path / "fp8", "--max_train_steps", "4", "--validation_steps", "2", *common)
     assert "FP8 matmuls in 8 of the model's 14 linear layers" in caplog.text
@@ -188,7 +188,7 @@ def test_fp8_from_the_accelerate_config_and_bad_setups(tmp_path, monkeypatch, ca
     monkeypatch.setattr(
         train_dit,
         "setup_trackers",
-        lambda args, acc: tracked.append(args.mixed_precision) or real_setup_trackers(args, acc),
+        lambda record, acc: tracked.append(record["mixed_precision"]) or real_setup_trackers(record, acc),
     )
     with caplog.at_level("INFO"):
         run(tmp_path / "env", "--max_train_steps", "1")

@@ -379,6 +379,7 @@ def test_the_hub_token_never_reaches_disk(tmp_path, hub):
         "WANDB_MODE": "offline",
     }
     env.pop("HF_HUB_OFFLINE", None)
+    env.pop("WANDB_DIR", None)  # left by an in-process wandb run of another test: wandb would write there
     out = tmp_path / "run"
     command = [
         sys.executable, os.path.join(root, "train_dit.py"),
@@ -437,3 +438,36 @@ def test_from_pretrained_of_a_hub_repo_takes_diffusers_arguments(tmp_path, hub, 
     kwargs = dict(class_labels=[1, 2], num_inference_steps=2, output_type="latent")
     expected = DiTPipeline.from_pretrained(saved_pipeline, dtype=torch.float64)(generator=gen(0), **kwargs).images
     torch.testing.assert_close(pipe(generator=gen(0), **kwargs).images, expected, atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+def test_init_from_a_hub_id_of_a_diffusers_pipeline(tmp_path, hub, monkeypatch):
+    # `--init_from facebook/DiT-XL-2-256` in miniature: a diffusers pipeline repo whose transformer is a
+    # DiTTransformer2DModel, found in its `transformer/` subfolder through diffusers' own Hub loading.
+    from diffusers import DiTTransformer2DModel
+
+    from dit_hf import DiTModel
+    from dit_hf.init_from import init_from_weights
+
+    config = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=8, in_channels=4)
+    torch.manual_seed(0)
+    released = DiTTransformer2DModel(**config, out_channels=8, num_embeds_ada_norm=10, norm_eps=1e-6)
+    folder = tmp_path / "released"
+    released.save_pretrained(folder / "transformer")
+    index = {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    api = huggingface_hub.HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(REPO)
+    api.upload_folder(repo_id=REPO, folder_path=folder)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)
+
+    dims = dict(sample_size=8, in_channels=4, hidden_size=32, depth=2, num_heads=2)
+    model = DiTModel(**dims, num_classes=3, timestep_freq_shift=1)  # diffusers' timestep frequencies
+    init_from_weights(model, REPO, {"2": 9}, cache_dir=str(tmp_path / "cache"))
+    table = released.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
+    ours = model.y_embedder.embedding_table.weight
+    assert torch.equal(ours[2], table[9]) and torch.equal(ours[0], table[10]) and torch.equal(ours[3], table[10])
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, released.transformer_blocks[1].ff.net[0].proj.weight)

@@ -461,14 +461,14 @@ def test_loads_as_remote_code_without_dit_hf(saved_pipeline, tmp_path):
         np.testing.assert_allclose(result["latent"], sample(pipe, labels, guidance_scale=4.0).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["pipeline_dit.py", "modeling_dit.py"])
+@pytest.mark.parametrize("name", ["pipeline_dit.py", "scheduling_dit.py", "modeling_dit.py"])
 def test_hub_code_copies_are_identical(name, saved_pipeline):
     source = REPO / "src" / "dit_hf" / name
     copy = REPO / "pipelines" / name
-    refresh = "cp src/dit_hf/pipeline_dit.py src/dit_hf/modeling_dit.py pipelines/"
+    refresh = "cp src/dit_hf/pipeline_dit.py src/dit_hf/scheduling_dit.py src/dit_hf/modeling_dit.py pipelines/"
     assert copy.is_file(), f"{copy} is missing: create it with `{refresh}`."
     assert copy.read_bytes() == source.read_bytes(), (
         f"pipelines/{name} differs from src/dit_hf/{name}: run `{refresh}`."
     )
-    saved = saved_pipeline / name if name == "pipeline_dit.py" else saved_pipeline / "transformer" / name
+    saved = saved_pipeline / "transformer" / name if name == "modeling_dit.py" else saved_pipeline / name
     assert saved.read_bytes() == source.read_bytes()

@@ -264,6 +264,7 @@ def test_resolution_must_fit_vae_and_patch(tmp_path):
 def test_wandb_without_credentials_logs_offline(tmp_path, monkeypatch, caplog):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
@@ -271,7 +272,8 @@ def test_wandb_without_credentials_logs_offline(tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"
     with caplog.at_level("INFO"):
         train_dit.main(train_dit.parse_args([*args, "--output_dir", str(out), "--max_train_steps", "2"]))
-    assert os.environ.get("WANDB_MODE") == "offline"
+    # Offline through wandb.init's arguments: the caller's environment is left as it was.
+    assert "WANDB_MODE" not in os.environ and "WANDB_DIR" not in os.environ
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert "wandb sync" in caplog.text

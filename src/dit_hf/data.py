@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from .training import whole_batch_collate
+from .collate import whole_batch_collate
 
 # Columns tried, in order, when --image_column / --label_column are not given (the names used by Hub image datasets).
 DEFAULT_IMAGE_COLUMNS = ("image", "img")

@@ -217,6 +217,11 @@ def ema_folder_name(decay: float) -> str:
     return f"ema_{decay}"
 
 
+def export_folder_name(decay: float) -> str:
+    """The folder of an extra EMA rate beside a saved pipeline's `transformer/` (`transformer_ema_0.9999`)."""
+    return f"transformer_{ema_folder_name(decay)}"
+
+
 def save_ema(ema: EMAModels, directory: str, averaged_model: Callable[[int], nn.Module]) -> None:
     """Write the whole EMA state into `directory` without pickles: safetensors folders and one JSON file.
 

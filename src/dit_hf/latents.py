@@ -53,8 +53,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .collate import whole_batch_collate
 from .shards import ShardedRows, ShardError, shard_metadata
-from .training import whole_batch_collate
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"

@@ -32,7 +32,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_dit import DDPM_PREDICTION_TYPES, OBJECTIVES, make_matching_scheduler
+from .scheduling_dit import DDPM_PREDICTION_TYPES, OBJECTIVES, make_matching_scheduler
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")

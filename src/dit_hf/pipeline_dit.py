@@ -1,15 +1,14 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
 """Class-conditional sampling with a DiT: `DiTPipeline`.
 
-Like `modeling_dit.py`, this file imports only torch, diffusers, huggingface_hub and the standard library, so
-`save_pretrained` can copy it into the pipeline folder and `DiffusionPipeline.from_pretrained(folder,
-trust_remote_code=True)` can run it where dit_hf is not installed.
+Like `modeling_dit.py`, this file imports only torch, diffusers, huggingface_hub, the standard library and its
+sibling `scheduling_dit.py`, so `save_pretrained` can copy both into the pipeline folder and
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` can run it where dit_hf is not installed.
 """
 
 import importlib
 import inspect
 import json
-import math
 import numbers
 import os
 import shutil
@@ -17,135 +16,30 @@ import shutil
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMParallelScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-)
+from diffusers import DDPMParallelScheduler, DDPMScheduler
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
+# The objective <-> scheduler rules, shared with training; the file travels beside this one into saved folders.
+from .scheduling_dit import (
+    OBJECTIVES,
+    SCHEDULING_MODULE,
+    check_guidance_scale,
+    check_scheduler_matches,
+    make_matching_scheduler,
+)
+
 # How the custom code is named inside a saved folder (model_index.json refers to these module names).
 PIPELINE_MODULE = "pipeline_dit"
 TRANSFORMER_MODULE = "modeling_dit"
 
-# Training objectives (see dit_hf.objective) and the `prediction_type` diffusion schedulers need for each.
-OBJECTIVES = ("ddpm_eps", "ddpm_v", "flow")
-DDPM_PREDICTION_TYPES = {"ddpm_eps": "epsilon", "ddpm_v": "v_prediction"}
-# Scheduler families by name, for `make_matching_scheduler`.
-DDPM_FAMILIES = ("ddpm", "ddim", "dpm")
-FLOW_FAMILIES = ("euler", "heun")
 # Sampling settings when neither the call nor the saved pipeline (`default_*` config entries) gives them.
 NUM_INFERENCE_STEPS = 50
 GUIDANCE_SCALE = 4.0
 # Schedulers whose `step` takes [prediction, variance] and uses a learned variance (variance_type "learned[_range]").
 LEARNED_VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
-
-
-def uses_flow_sigmas(scheduler: SchedulerMixin) -> bool:
-    """Whether a scheduler integrates the flow-matching path x_σ = (1 - σ) x_0 + σ ε rather than a DDPM chain."""
-    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas"))
-
-
-def check_scheduler_matches(objective: str, scheduler: SchedulerMixin):
-    """Raise a `ValueError` naming the fix when `scheduler` cannot sample a model trained with `objective`."""
-    name = type(scheduler).__name__
-    prediction_type = scheduler.config.get("prediction_type")
-    if objective == "flow":
-        if not uses_flow_sigmas(scheduler):
-            raise ValueError(
-                f"The model was trained with the 'flow' objective (it predicts a velocity), but {name} is a "
-                "diffusion scheduler; use a flow-matching one with the training T and shift, e.g. the one saved "
-                "with the model or `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)` "
-                "(`FlowMatchHeunDiscreteScheduler` for 2nd order)."
-            )
-        if prediction_type not in (None, "flow_prediction"):
-            raise ValueError(
-                f"The model was trained with the 'flow' objective, but {name} has prediction_type="
-                f"{prediction_type!r}; build it with `prediction_type='flow_prediction'`."
-            )
-        if scheduler.config.get("use_dynamic_shifting"):
-            raise ValueError(
-                f"DiTPipeline samples with a fixed shift, but {name} has use_dynamic_shifting=True; build it with "
-                "`use_dynamic_shifting=False, shift=...`."
-            )
-        return
-    expected = DDPM_PREDICTION_TYPES[objective]
-    if uses_flow_sigmas(scheduler):
-        raise ValueError(
-            f"The model was trained with the {objective!r} objective (prediction_type={expected!r}), but {name} is "
-            "a flow-matching scheduler; use a diffusion scheduler (DDPM, DDIM, DPM-Solver) built from the training "
-            "schedule, e.g. the one saved with the model: `DDPMScheduler.from_pretrained(model, subfolder="
-            "'scheduler')`."
-        )
-    if (prediction_type or "epsilon") != expected:
-        raise ValueError(
-            f"The model was trained with the {objective!r} objective, but {name} has prediction_type="
-            f"{prediction_type!r}; use `{name}.from_config(pipe.scheduler.config, prediction_type={expected!r})` "
-            "or `pipe.matching_scheduler(family)`."
-        )
-
-
-def make_matching_scheduler(objective: str, family: str, config: dict) -> SchedulerMixin:
-    """
-    A scheduler of the named family that samples a model trained with `objective`.
-
-    Args:
-        objective (`str`): `"ddpm_eps"`, `"ddpm_v"` or `"flow"`.
-        family (`str`): For the DDPM objectives `"ddpm"` (ancestral; uses a learned variance), `"ddim"` or `"dpm"`
-            (DPM-Solver++ multistep). For `"flow"`: `"euler"` or `"heun"` (2nd order, 2 model calls per step but
-            the last). (`DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")` is
-            accepted too, but it feeds the model ⌊σ · T⌋ rather than σ · T, which limits its accuracy.)
-        config (`dict`): Config of a scheduler built for the training (e.g. `pipe.scheduler.config`), which gives
-            the DDPM beta schedule, or the flow T and `shift` (`{"num_train_timesteps": T, "shift": s}` will do).
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {objective!r}; choose one of {list(OBJECTIVES)}.")
-    families = FLOW_FAMILIES if objective == "flow" else DDPM_FAMILIES
-    if family not in families:
-        raise ValueError(
-            f"Unknown scheduler family {family!r} for the {objective!r} objective; choose one of {list(families)}."
-        )
-    if objective == "flow":
-        if config.get("use_flow_sigmas"):
-            shift = config["flow_shift"]
-        elif "shift" in config:
-            shift = config["shift"]
-        else:
-            raise ValueError(
-                "The scheduler config has no `shift` (it is not a flow-matching scheduler's), so the sampling shift "
-                "is unknown; pass `{'num_train_timesteps': T, 'shift': s}` or build the scheduler directly."
-            )
-        num_train_timesteps = config.get("num_train_timesteps", 1000)
-        if family == "euler":
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-        return FlowMatchHeunDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-    if "beta_schedule" not in config or config.get("use_flow_sigmas"):
-        raise ValueError(
-            "The scheduler config has no `beta_schedule` (it is not a diffusion scheduler's), so the noise schedule "
-            "is unknown; pass the config of the scheduler saved with the model "
-            "(`DDPMScheduler.load_config(model, subfolder='scheduler')`)."
-        )
-    prediction_type = DDPM_PREDICTION_TYPES[objective]
-    if family == "ddpm":
-        return DDPMScheduler.from_config(config, prediction_type=prediction_type)
-    if family == "ddim":
-        return DDIMScheduler.from_config(config, prediction_type=prediction_type)
-    # DPM-Solver would keep 3 channels of a prediction with a learned variance_type; the pipeline drops them.
-    return DPMSolverMultistepScheduler.from_config(config, prediction_type=prediction_type, variance_type=None)
-
-
-def check_guidance_scale(guidance_scale: float) -> None:
-    """`guidance_scale` is a finite number >= 0 (1.0 disables guidance); NaN or inf would give black images."""
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(
-            f"`guidance_scale` must be a finite number >= 0, got {guidance_scale} (1.0 disables guidance)."
-        )
 
 
 def flatten_labels(labels) -> list:
@@ -559,11 +453,16 @@ class DiTPipeline(DiffusionPipeline):
             )
 
     def write_custom_code(self, save_directory: str | os.PathLike):
-        """Copy this file and the transformer's module into the folder and point model_index.json at them."""
+        """Copy this file (with the scheduling rules it imports) and the transformer's module into the folder and
+        point model_index.json at them."""
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path) as f:
             index = json.load(f)
-        shutil.copyfile(inspect.getsourcefile(type(self)), os.path.join(save_directory, f"{PIPELINE_MODULE}.py"))
+        pipeline_file = inspect.getsourcefile(type(self))
+        shutil.copyfile(pipeline_file, os.path.join(save_directory, f"{PIPELINE_MODULE}.py"))
+        # The module this file imports relatively: diffusers copies it along when it loads the folder's code.
+        rules = os.path.join(os.path.dirname(pipeline_file), f"{SCHEDULING_MODULE}.py")
+        shutil.copyfile(rules, os.path.join(save_directory, f"{SCHEDULING_MODULE}.py"))
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         transformer_cls = type(self.transformer)
         if transformer_cls.__module__.split(".")[-1] == TRANSFORMER_MODULE:

@@ -43,6 +43,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .trainer import AuxiliaryLoss
+
 # The normalisation of DINOv2 and MAE, used when an encoder ships without an image-processor config.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -369,6 +371,45 @@ def capture_block_tokens(model: nn.Module, repa_depth: int) -> Iterator[Captured
         yield captured
     finally:
         handle.remove()
+
+
+class REPALoss(AuxiliaryLoss):
+    """REPA as an auxiliary loss of the trainer: the trained projector, the frozen encoder (or the features cached with
+    the latents) and `weight * repa_loss` of block `depth`'s tokens, logged as `repa_loss`.
+
+    Args:
+        encoder (`REPAEncoder`): The frozen vision encoder, on the training device; used when the batch carries no
+            cached `repa_features`.
+        projector (`REPAProjector`): The trained MLP; checkpointed in the `repa_projector` subfolder.
+        depth (`int`): The 1-based DiT block whose output is aligned.
+        weight (`float`): `--repa_coeff` (REPA: 0.5).
+        patch_size (`int`): The DiT's patch size: the token grid is the sample's size over it.
+    """
+
+    name = "repa"
+
+    def __init__(self, encoder: REPAEncoder, projector: REPAProjector, depth: int, weight: float, patch_size: int):
+        self.encoder = encoder
+        self.modules = {"repa_projector": projector}
+        self.depth = depth
+        self.weight = weight
+        self.patch_size = patch_size
+        self.captured = None
+
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module) -> Iterator[CapturedTokens]:
+        with capture_block_tokens(model, self.depth) as captured:
+            self.captured = captured
+            yield captured
+
+    def loss(self, batch: dict, x0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        grid = (x0.shape[-2] // self.patch_size, x0.shape[-1] // self.patch_size)
+        if "repa_features" in batch:  # cached with the latents
+            targets = feature_map_to_tokens(batch["repa_features"].float(), grid)
+        else:
+            targets = self.encoder(batch["pixel_values"], grid)  # frozen, no grad
+        alignment = repa_loss(self.modules["repa_projector"](self.captured.tokens), targets)
+        return alignment, {"repa_loss": alignment}
 
 
 def _digits_images() -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,12 +27,14 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
+from .ema import export_folder_name
 from .pipeline_dit import DiTPipeline, check_guidance_interval, check_guidance_scale
+from .precision import precision_dtypes
 
 DEFAULT_WEIGHTS = "transformer"
-EMA_PREFIX = "transformer_ema_"
+EMA_PREFIX = export_folder_name("")  # transformer_ema_<rate>
 LABEL_MODES = ("balanced", "uniform")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = precision_dtypes()
 SETTINGS_FILE = "sample_eval.json"
 # Recorded in the settings file but not compared on resume: the same weights may be reached by another path.
 UNCOMPARED = ("pipeline", "weights")

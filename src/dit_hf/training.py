@@ -289,15 +289,6 @@ def prune_checkpoints(checkpoints_dir: str, total_limit: int | None) -> list[str
     return removed
 
 
-def whole_batch_collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`collate_fn` for data sets whose `__getitems__` returns a whole batch (a dict of stacked tensors) at once."""
-    if not isinstance(batch, dict):
-        raise TypeError(
-            "This collate_fn expects the dict made by the data set's __getitems__ (a whole batch), not a list."
-        )
-    return batch
-
-
 # Devices with a fused AdamW kernel: one launch per step on CUDA; on CPU a vectorised loop that is 4.5× faster than
 # the default per-tensor loop for the digits model (1.3M parameters in 51 tensors, 2 cores: 1.2 ms vs 5.2 ms).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")

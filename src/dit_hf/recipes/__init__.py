@@ -10,88 +10,59 @@
 `--recipe auto` (the default) picks `digits` without data, `paper` with `--vae`, and `small` for pixel-space data
 whose resolution (given, or that of the first image) is at most 64 px. Pixel-space data above 64 px has no recipe: the
 trainer stops and names the two ways on (`--vae` or a lower `--resolution`).
+
+Each recipe is a YAML file of this folder, as are the other starting points (`smoke`, `fast-dit`, `lightningdit`,
+`repa`, `rae-dit-dh`); see [`dit_hf.config`] for how a file, the recipe beneath it and the command line combine.
 """
 
+import importlib.resources
 import math
+import os
+
+import yaml
 
 RECIPES = ("auto", "digits", "small", "paper")
 SMALL_MAX_RESOLUTION = 64
 MIN_TOKENS = 16  # fewer patches than this leave attention almost nothing to relate (8×8 digits / patch 2 = 16)
 
-DIGITS = dict(
-    resolution=8,
-    image_channels=1,
-    random_flip=False,
-    cache_images=True,
-    model="DiT-S/2",
-    hidden_size=128,
-    depth=4,
-    num_heads=4,
-    train_batch_size=64,
-    learning_rate=1e-3,
-    lr_scheduler="constant",
-    lr_warmup_steps=100,
-    max_train_steps=3000,
-    ema_decay="0.999",
-    ema_warmup=False,
-    checkpointing_steps=1000,
-    validation_steps=1000,
-    output_dir="outputs/dit-digits",
-    objective="ddpm_eps",
-    timestep_sampling="uniform",
-    sample_scheduler="ddpm",
-    guidance_scale=2.0,
-    num_inference_steps=100,
-)
 
-SMALL = dict(
-    image_channels=None,  # from the data: 1 for grayscale images, else 3
-    random_flip=False,  # a mirrored character or digit is another class, or none
-    cache_images=True,
-    model="DiT-S/4",
-    hidden_size=128,
-    depth=4,
-    num_heads=4,
-    train_batch_size=64,
-    learning_rate=2e-3,
-    lr_scheduler="cosine",
-    lr_warmup_steps=200,
-    max_train_steps=4000,
-    ema_decay="0.999",
-    ema_warmup=True,
-    checkpointing_steps=1000,
-    validation_steps=1000,
-    output_dir="outputs/dit-small",
-    objective="flow",
-    timestep_sampling="logit_normal",
-    sample_scheduler="euler",
-    guidance_scale=4.0,
-    num_inference_steps=50,
-)
+def recipe_names() -> list[str]:
+    """The recipe files that ship with dit_hf (this folder), by name."""
+    folder = importlib.resources.files(__name__)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
-PAPER = dict(
-    resolution=256,
-    image_channels=3,
-    random_flip=True,
-    cache_images=False,
-    model="DiT-XL/2",
-    train_batch_size=32,
-    learning_rate=1e-4,
-    lr_scheduler="constant",
-    lr_warmup_steps=0,
-    ema_decay="0.9999",
-    ema_warmup=False,
-    checkpointing_steps=5000,
-    validation_steps=5000,
-    output_dir="outputs/dit",
-    objective="ddpm_eps",
-    timestep_sampling="uniform",
-    sample_scheduler="ddpm",
-    guidance_scale=4.0,
-    num_inference_steps=250,
-)
 
-RECIPE_DEFAULTS = {"digits": DIGITS, "small": SMALL, "paper": PAPER}
+NAMED_RECIPES = tuple(recipe_names())
+
+
+def read_recipe_file(name_or_path: str) -> tuple[str, dict]:
+    """(where it was found, its settings) for `--config`: a YAML file's path, or the name of a shipped recipe
+    (`paper`, `paper.yaml` or `recipes/paper.yaml` alike, so the repository's paths work from any folder)."""
+    if os.path.isfile(name_or_path):
+        path = name_or_path
+        with open(path) as f:
+            text = f.read()
+    else:
+        name = os.path.basename(name_or_path)
+        name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+        if name not in NAMED_RECIPES:
+            raise FileNotFoundError(
+                f"--config {name_or_path!r}: no such file, nor a recipe of dit-hf ({', '.join(NAMED_RECIPES)}). "
+                "Pass a YAML file's path or one of these names."
+            )
+        resource = importlib.resources.files(__name__) / f"{name}.yaml"
+        path, text = f"recipes/{name}.yaml", resource.read_text()
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file holds `setting: value` lines, got {type(values).__name__}.")
+    return path, values
+
+
+def load_recipe(name: str) -> dict:
+    """The settings of a base recipe (digits, small or paper) that `--recipe` (or `auto`) layers beneath the rest."""
+    if name not in RECIPES or name == "auto":
+        raise ValueError(f"--recipe {name!r} is not one of {list(RECIPES[1:])}.")
+    return read_recipe_file(name)[1]
 
 
 def small_patch_size(resolution: int) -> int:
