@@ -57,9 +57,11 @@ from dit_hf.data import (
 from dit_hf.distributed import enable_fsdp_on_cpu, unsharded_copy
 from dit_hf.ema import EMAModels, export_folder_name, parse_ema_decays
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe
+from dit_hf.guards import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteStop, Preempted, trim_metrics
 from dit_hf.hooks import (
     CheckpointHook,
     EvalHook,
+    GuardHook,
     LogHook,
     PlotHook,
     SampleGridHook,
@@ -164,8 +166,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             logger.warning("FP8 on a CPU is emulated and slower than float32: use it to check a run, not to train.")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on CPU.")
-    # Each process seeds differently (e.g. data augmentation in workers); the diffusion noise comes from
-    # StepRandomness, which is the same for every process layout.
+    # Each process seeds its global RNG differently. The diffusion noise (StepRandomness) and the flips (flip_flags)
+    # do not draw from it: both are functions of the seed and the position in training, the same for every process
+    # layout and across a resume.
     set_seed(config.seed, device_specific=True)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -269,9 +272,11 @@ def plan_geometry(config: TrainConfig, vae, accelerator, num_samples: int) -> tu
 
 def build_image_dataset(config: TrainConfig, data: Data) -> torch.utils.data.Dataset:
     """The images as the model sees them (cropped, resized, converted), decoded once into RAM with --cache_images."""
+    # Flips are a function of (seed, epoch, index): the same in any worker, process layout, resumed or caching run.
     transform = build_transform(
-        config.resolution, config.center_crop, config.random_flip and not config.cache_latents, config.image_channels
-    )
+        config.resolution, config.center_crop, config.random_flip and not config.cache_latents, config.image_channels,
+        seed=config.seed,
+    )  # fmt: skip
     dataset = ImageLabelDataset(data.ds, data.image_column, data.label_column if data.num_classes else None, transform)
     if config.cache_images:
         dataset = CachedImages(dataset)
@@ -303,7 +308,7 @@ def latent_data(config: TrainConfig, accelerator, data: Data, images, vae, encod
             accelerator, vae, images, config.cache_latents, fingerprint=fingerprint, features_fn=features_fn
         )
     accelerator.wait_for_everyone()
-    cached = BatchedCachedLatents(config.cache_latents, random_flip=config.random_flip)
+    cached = BatchedCachedLatents(config.cache_latents, random_flip=config.random_flip, seed=config.seed)
     return cached, LatentSpace(cached.scaling_factor, cached.shift_factor)
 
 
@@ -421,11 +426,13 @@ def export(trainer: Trainer, sampling: Sampling, data: Data, hooks: dict, start_
 
 
 def make_hooks(config: TrainConfig, sampling: Sampling, num_classes: int, flops_per_sample: float) -> dict:
-    """The periodic work, in the order it runs after each optimizer step."""
+    """The periodic work, in the order it runs after each optimizer step (the guard acts after the step's log and
+    checkpoint, and before grids and evaluations)."""
+    guard = GuardHook(config)
     log = LogHook(flops_per_sample)
     evaluation = EvalHook(sampling, num_classes)
     classes = config.validation_classes or (list(range(min(num_classes, 10))) if num_classes else None)
-    return {"log": log, "checkpoint": CheckpointHook(), "grid": SampleGridHook(sampling, classes),
+    return {"log": log, "checkpoint": CheckpointHook(guard), "guard": guard, "grid": SampleGridHook(sampling, classes),
             "eval": evaluation, "plots": PlotHook(log, evaluation)}  # fmt: skip
 
 
@@ -485,6 +492,8 @@ def main(config: TrainConfig) -> dict:
         hooks=list(hooks.values()), record=run_record(config, accelerator, max_train_steps), full_model=full_model,
     )  # fmt: skip
     trainer.resume()
+    if config.resume_from_checkpoint and accelerator.is_main_process:  # rows logged after that checkpoint come again
+        trim_metrics(os.path.join(config.output_dir, "metrics.jsonl"), trainer.state.global_step)
     setup_trackers(trainer.record, accelerator)
     if requested_precision(config) == "fp8":
         logger.info("FP8 matmuls in %d of the model's %d linear layers", *count_fp8_linears(trainer.unwrapped))
@@ -493,7 +502,9 @@ def main(config: TrainConfig) -> dict:
         len(dataset), data.num_classes, config.model, sum(p.numel() for p in trainer.unwrapped.parameters()) / 1e6,
         max_train_steps, randomness.global_batch, accelerator.num_processes,
     )  # fmt: skip
-    state = trainer.train()
+    with hooks["guard"].signals_handled():  # from here on a stop signal ends the current step with a checkpoint
+        state = trainer.train()
+    hooks["guard"].finish(trainer)  # raises NonFiniteStop (weights not finite) or Preempted (a stop signal)
     if state.global_step < max_train_steps:  # a hook stopped the run (e.g. preemption) after its checkpoint
         summary = {"steps": state.global_step, "output_dir": config.output_dir, "stopped": True}
     else:
@@ -508,5 +519,11 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as err:
         print(f"train_dit.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteStop as err:
+        print(f"train_dit.py: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except Preempted as err:
+        print(f"train_dit.py: {err}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     if summary.get("pushed") is False:
         sys.exit(1)

@@ -25,6 +25,7 @@ from dit_hf.data import (
     resolve_columns,
     select_subset,
 )
+from dit_hf.training import EpochSampler, SampleIndex
 
 
 @pytest.fixture(scope="module")
@@ -263,22 +264,33 @@ def test_embedded_bytes_reported_by_row():
     assert find_unreadable_images(ds, "image") == [(1, "row 1 (broken.png)")]
 
 
-def test_random_flip_follows_torch_rng():
+def test_random_flip_is_a_function_of_seed_epoch_and_index():
     pixels = np.zeros((8, 8, 3), dtype=np.uint8)
     pixels[:, :2] = 255  # white on the left only
     image = Image.fromarray(pixels)
-    transform = build_transform(8, center_crop=True, random_flip=True)
+    transform = build_transform(8, center_crop=True, random_flip=True, seed=3)
     plain = build_transform(8, center_crop=True, random_flip=False)(image)
+    assert torch.equal(transform(image, flip=True), plain.flip(-1)) and torch.equal(transform(image), plain)
 
-    torch.manual_seed(0)
-    outputs = [transform(image) for _ in range(16)]
-    torch.manual_seed(0)
-    expected_flips = [torch.rand(()).item() < 0.5 for _ in range(16)]
-    assert 0 < sum(expected_flips) < 16
-    for out, flipped in zip(outputs, expected_flips):
-        assert torch.equal(out, plain.flip(-1) if flipped else plain)
-    torch.manual_seed(0)
-    assert all(torch.equal(a, transform(image)) for a in outputs)
+    sampler = EpochSampler(64, seed=0)
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_position(epoch)
+        indices = list(sampler)
+        assert all(i.epoch == epoch for i in indices) and sorted(indices) == list(range(64))
+        flips = transform.flips(indices)
+        torch.manual_seed(epoch)  # no RNG is drawn from: its state changes nothing
+        assert torch.equal(flips, transform.flips(indices))
+        # By index: a sample's flip does not depend on where the permutation puts it.
+        epochs.append(flips[torch.argsort(torch.tensor([int(i) for i in indices]))])
+    assert 16 < int(epochs[0].sum()) < 48 and 16 < int(epochs[1].sum()) < 48  # fair coins
+    assert not torch.equal(epochs[0], epochs[1])  # a new coin per epoch...
+    other_seed = build_transform(8, center_crop=True, random_flip=True, seed=4)
+    assert not torch.equal(other_seed.flips([SampleIndex(i, 0) for i in range(64)]), epochs[0])  # ...and seed
+    # The epoch travels with the index into DataLoader workers (pickled) and through the data set.
+    moved = pickle.loads(pickle.dumps(SampleIndex(5, 1)))
+    assert (int(moved), moved.epoch) == (5, 1) and transform.flips([moved]) == epochs[1][5]
+    assert not build_transform(8, True, False).flips(list(range(64))).any()
 
 
 def test_select_subset(digits):
@@ -309,7 +321,6 @@ def test_cached_images_give_the_same_batches_as_decoding(image_folder, tmp_path,
     assert cached.pixels.dtype == torch.uint8 and cached.pixels.shape == (6, 3, 8, 8)
 
     def batches(dataset, collate):
-        torch.manual_seed(0)  # the flips come from torch's RNG: the same draws, in the same order
         sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(1))
         loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=collate)
         return [batch for _ in range(3) for batch in loader]
@@ -322,10 +333,7 @@ def test_cached_images_give_the_same_batches_as_decoding(image_folder, tmp_path,
         flipped = [not torch.equal(b["pixel_values"][k], cached[0]["pixel_values"]) for b in got for k in range(3)]
         assert any(flipped)
     # Item access agrees too, and an unconditional data set has no labels.
-    torch.manual_seed(5)
-    first = decoded[4]
-    torch.manual_seed(5)
-    assert torch.equal(cached[4]["pixel_values"], first["pixel_values"])
+    assert torch.equal(cached[SampleIndex(4, 1)]["pixel_values"], decoded[SampleIndex(4, 1)]["pixel_values"])
     assert set(CachedImages(ImageLabelDataset(ds, "image", None, transform))[0]) == {"pixel_values"}
     with pytest.raises(TypeError, match="dict made by the data set's __getitems__"):
         CachedImages.collate([cached[0]])

@@ -24,6 +24,7 @@ from dit_hf.latents import (
     process_indices,
     sample_latents,
 )
+from dit_hf.training import SampleIndex, flip_flags
 
 NUM_IMAGES = 10
 LATENT_SHAPE = [4, 8, 8]  # two down blocks: one stride-2 downsample, so 16 px -> 8
@@ -258,28 +259,27 @@ def test_cached_dataset_batches_in_one_gather(cache, direct):
     flipping = BatchedCachedLatents(cache, random_flip=True)
     plain = torch.stack([direct["mean"], direct["logvar"]], dim=1)
     flipped = torch.stack([direct["flip_mean"], direct["flip_logvar"]], dim=1)
-    torch.manual_seed(0)
-    order = [5, 1, 9, 6, 2, 0, 3, 8, 7, 4]
+    order = [SampleIndex(i, epoch=1) for i in (5, 1, 9, 6, 2, 0, 3, 8, 7, 4)]
     batch = flipping.__getitems__(order)["moments"]
     is_flip = [torch.allclose(batch[k], flipped[i], atol=1e-5) for k, i in enumerate(order)]
     is_plain = [torch.allclose(batch[k], plain[i], atol=1e-5) for k, i in enumerate(order)]
     assert all(f != p for f, p in zip(is_flip, is_plain)) and 0 < sum(is_flip) < NUM_IMAGES
-    torch.manual_seed(0)
-    assert torch.equal(flipping.__getitems__(order)["moments"], batch)
+    # The flips of (seed, epoch, index), whichever way the items are fetched.
+    assert is_flip == flipping.flips(order).bool().tolist()
+    assert torch.equal(torch.stack([flipping[i]["moments"] for i in order]), batch)
     with pytest.raises(TypeError, match="__getitems__"):
         BatchedCachedLatents.collate([ds[0], ds[1]])
 
 
 def test_cached_dataset_random_flip_is_seeded(cache, direct):
-    ds = CachedLatentDataset(cache, random_flip=True)
+    ds = CachedLatentDataset(cache, random_flip=True, seed=1)
     plain = torch.stack([direct["mean"], direct["logvar"]], dim=1)
     flipped = torch.stack([direct["flip_mean"], direct["flip_logvar"]], dim=1)
 
-    def flips():
-        torch.manual_seed(0)
+    def flips(epoch=0):
         flags = []
         for i in range(NUM_IMAGES):
-            moments = ds[i]["moments"]
+            moments = ds[SampleIndex(i, epoch)]["moments"]
             is_flip = torch.allclose(moments, flipped[i], atol=1e-5)
             # Each item is exactly one of its two cached posteriors, mean and logvar together.
             assert is_flip != torch.allclose(moments, plain[i], atol=1e-5)
@@ -288,7 +288,9 @@ def test_cached_dataset_random_flip_is_seeded(cache, direct):
 
     first = flips()
     assert 0 < sum(first) < NUM_IMAGES  # some items flipped, some not
+    torch.manual_seed(123)  # the flips draw nothing from torch's RNG
     assert flips() == first
+    assert flips(epoch=1) != first and flips(epoch=2) != first  # another coin per epoch
 
 
 def test_sample_latents(direct):
@@ -386,10 +388,8 @@ def test_mapped_batches_equal_the_in_memory_layout(cache):
     )
     ds = BatchedCachedLatents(cache, random_flip=True)
     order = [9, 0, 4, 3, 8, 1, 5, 7]  # across all three shards, out of order
-    torch.manual_seed(0)
     batch = ds.__getitems__(order)
-    torch.manual_seed(0)
-    flip = (torch.rand(len(order)) < 0.5).long()  # the draws the former implementation made
+    flip = flip_flags(0, order).long()  # the flips of seed 0, epoch 0
     assert 0 < int(flip.sum()) < len(order)
     index = torch.tensor(order)
     assert torch.equal(batch["moments"], in_memory[index, flip])

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .guards import EXIT_NONFINITE, EXIT_PREEMPTED, ON_NONFINITE, parse_signals
 from .init_from import UNMAPPED_CHOICES, check_init_config
 from .modeling_dit import DIT_PRESETS, RECIPE_PRESETS
 from .recipes import NAMED_RECIPES, RECIPES, choose_recipe, load_recipe, read_recipe_file, small_patch_size
@@ -45,6 +46,7 @@ MODEL = "model"
 INIT = "fine-tuning from released weights"
 REPA = "REPA: align an early block's tokens with a frozen vision encoder (off)"
 OPTIM = "optimisation"
+FAULTS = "faults: divergence and preemption (see dit_hf.guards)"
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,26 @@ class TrainConfig:
     hub_private_repo: bool = flag(False)
     push_checkpoints: bool = flag(False, "Also upload every checkpoint.")
 
+    # ---- faults: divergence and preemption
+    max_nonfinite_steps: int = flag(
+        10, "Non-finite steps (loss or gradient norm; never applied) in a row before --on_nonfinite acts.", FAULTS
+    )
+    on_nonfinite: str = flag(
+        "stop",
+        f"stop: exit with status {EXIT_NONFINITE}, naming the last good checkpoint. rollback: reload it, go on.",
+        FAULTS,
+        choices=ON_NONFINITE,
+    )
+    rollback_lr_factor: float = flag(1.0, "Multiply the learning rate by this at each rollback.", FAULTS)
+    save_on_signal: list[str] | None = flag(
+        None,
+        f"Signals besides SIGTERM that make every process finish its step, checkpoint and exit with status "
+        f"{EXIT_PREEMPTED} (e.g. SIGUSR1 for SLURM's --signal).",
+        FAULTS,
+        nargs="+",
+        metavar="SIGNAL",
+    )
+
     # ---- views used by the trainer (derived from fields, never stored)
     @property
     def has_data(self) -> bool:
@@ -273,6 +295,14 @@ def _base_type(name: str):
     return typing.get_origin(hint) or hint
 
 
+def _item_type(name: str):
+    """The element type of a list field: int (`validation_classes`) or str (`save_on_signal`)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_args(hint)[0]
+
+
 def coerce(name: str, value, source: str):
     """A value read from YAML as the field's type (YAML reads `0.9999` as a float where the field is a string)."""
     if name not in FIELDS:
@@ -294,9 +324,11 @@ def coerce(name: str, value, source: str):
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if kind is list:
-        value = [value] if isinstance(value, int) else value
-        if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
-            raise ValueError(f"{source}: {name} must be a list of integers, got {value!r}.")
+        item = _item_type(name)
+        value = [value] if isinstance(value, item) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            what = "integers" if item is int else "strings"
+            raise ValueError(f"{source}: {name} must be a list of {what}, got {value!r}.")
         return list(value)
     if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, kind)):
         raise ValueError(f"{source}: {name} must be a number ({kind.__name__}), got {value!r}.")
@@ -326,7 +358,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            kwargs["type"] = int
+            kwargs["type"] = _item_type(f.name)
         else:
             kwargs["type"] = kind
         if f.default is not None and f.default is not dataclasses.MISSING and kwargs["help"] is not None:
@@ -459,6 +491,11 @@ def validate(config: TrainConfig) -> None:
     _check_positive(config, ("eval_steps", "eval_samples", "eval_batch_size"))
     if config.repa_encoder and not config.repa_coeff > 0:
         raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {config.repa_coeff}.")
+    if config.max_nonfinite_steps < 1:
+        raise ValueError(f"--max_nonfinite_steps must be >= 1, got {config.max_nonfinite_steps}.")
+    if not 0 < config.rollback_lr_factor <= 1:
+        raise ValueError(f"--rollback_lr_factor must be in (0, 1], got {config.rollback_lr_factor}.")
+    parse_signals(config.save_on_signal)  # raises with the fix on a name that is no catchable signal
     check_init_config(config)
     check_output_dir(config.output_dir)
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .collate import whole_batch_collate
+from .training import flip_flags
 
 # Columns tried, in order, when --image_column / --label_column are not given (the names used by Hub image datasets).
 DEFAULT_IMAGE_COLUMNS = ("image", "img")
@@ -455,7 +456,9 @@ class ImageTransform:
     A class rather than a closure so DataLoader workers started with "spawn" can pickle it.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = True, channels: int = 3):
+    def __init__(
+        self, resolution: int, center_crop: bool = True, random_flip: bool = True, channels: int = 3, seed: int = 0
+    ):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
         if resolution < 1:
@@ -464,6 +467,7 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.channels = channels
+        self.seed = seed
 
     def crop(self, image: Image.Image) -> np.ndarray:
         """The deterministic part: converted, resized and cropped uint8 pixels `(resolution, resolution, channels)`."""
@@ -478,24 +482,27 @@ class ImageTransform:
         """uint8 pixels (any layout) -> float32 in [-1, 1]."""
         return pixels.float() / 127.5 - 1.0
 
-    def maybe_flip(self, pixels: torch.Tensor) -> torch.Tensor:
-        # torch's RNG, not Python's: accelerate's set_seed and the DataLoader's per-worker seeding make flips repeat.
-        if self.random_flip and torch.rand(()).item() < 0.5:
-            pixels = pixels.flip(-1)
-        return pixels
+    def flips(self, indices) -> torch.Tensor:
+        """Bool `(len(indices),)`: which of these samples to flip, a function of (seed, epoch, index) alone."""
+        if not self.random_flip:
+            return torch.zeros(len(indices), dtype=torch.bool)
+        return flip_flags(self.seed, indices)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(self.crop(image)).permute(2, 0, 1).contiguous()  # (C, R, R)
-        return self.maybe_flip(self.normalize(pixels))
+    def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
+        """The image as `(C, R, R)` floats, mirrored left-right if `flip` (see [`flips`] for the random choice)."""
+        pixels = self.normalize(torch.from_numpy(self.crop(image)).permute(2, 0, 1).contiguous())  # (C, R, R)
+        return pixels.flip(-1) if flip else pixels
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(resolution={self.resolution}, center_crop={self.center_crop}, "
-            f"random_flip={self.random_flip}, channels={self.channels})"
+            f"random_flip={self.random_flip}, channels={self.channels}, seed={self.seed})"
         )
 
 
-def build_transform(resolution: int, center_crop: bool, random_flip: bool, channels: int = 3) -> ImageTransform:
+def build_transform(
+    resolution: int, center_crop: bool, random_flip: bool, channels: int = 3, seed: int = 0
+) -> ImageTransform:
     """The training preprocessing: PIL image -> float tensor `(channels, resolution, resolution)` in [-1, 1].
 
     Args:
@@ -504,10 +511,12 @@ def build_transform(resolution: int, center_crop: bool, random_flip: bool, chann
             `True`: ADM/DiT's [`center_crop_arr`] (BOX halving, then BICUBIC). `False`: a single BICUBIC resize of the
             short side, then the same center square. Both crop the center: DiT trains on center crops, and a random
             crop would move objects relative to the class they are conditioned on.
-        random_flip (`bool`): flip left-right with probability 0.5, drawn from torch's RNG.
+        random_flip (`bool`): flip left-right with probability 0.5, decided per (seed, epoch, sample index) by
+            [`~dit_hf.training.flip_flags`]; the data sets below read the epoch from the sampler's indices.
         channels (`int`, defaults to 3): 3 converts to RGB, 1 to grayscale ("L"); transparency goes on white.
+        seed (`int`, defaults to 0): the run's seed, which fixes the flips.
     """
-    return ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, channels=channels)
+    return ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip, channels=channels, seed=seed)
 
 
 class ImageLabelDataset(torch.utils.data.Dataset):
@@ -535,7 +544,8 @@ class ImageLabelDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.ds[int(index)]
-        item = {"pixel_values": self.transform(row[self.image_column])}
+        flip = bool(self.transform.flips([index])[0])
+        item = {"pixel_values": self.transform(row[self.image_column], flip=flip)}
         if self.label_column is not None:
             item["class_labels"] = torch.tensor(row[self.label_column], dtype=torch.long)
         return item
@@ -551,9 +561,9 @@ def physical_memory_bytes() -> int | None:
 
 class CachedImages(torch.utils.data.Dataset):
     """`--cache_images`: every image of an [`ImageLabelDataset`] decoded, converted and cropped once, kept in RAM as
-    uint8 `(N, C, R, R)`; the random flip is still drawn per item and step.
+    uint8 `(N, C, R, R)`; the random flip is still chosen per item and epoch.
 
-    Items are exactly those of the wrapped dataset (same float values, same torch RNG draws in the same order).
+    Items are exactly those of the wrapped dataset (same float values, same flips).
     DataLoader calls `__getitems__` with a batch's indices and gets the whole batch from one gather; build it with
     `collate_fn=CachedImages.collate`. Refused, with the size, when the pixels would take over half of the RAM.
     """
@@ -581,7 +591,8 @@ class CachedImages(torch.utils.data.Dataset):
         return self.pixels.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"pixel_values": self.transform.maybe_flip(self.transform.normalize(self.pixels[index]))}
+        pixels = self.transform.normalize(self.pixels[int(index)])
+        item = {"pixel_values": pixels.flip(-1) if self.transform.flips([index])[0] else pixels}
         if self.labels is not None:
             item["class_labels"] = self.labels[index]
         return item
@@ -589,9 +600,8 @@ class CachedImages(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
         pixels = self.transform.normalize(self.pixels[index])
-        if self.transform.random_flip:
-            for k in range(len(indices)):  # one draw per item, in order, as item-by-item loading makes them
-                pixels[k] = self.transform.maybe_flip(pixels[k])
+        flips = self.transform.flips(indices)
+        pixels[flips] = pixels[flips].flip(-1)
         batch = {"pixel_values": pixels}
         if self.labels is not None:
             batch["class_labels"] = self.labels[index]

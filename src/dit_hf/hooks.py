@@ -4,14 +4,20 @@
 - [`LogHook`]: every `--logging_steps` (and at the last step) the named running sums become means: `loss`, each
   auxiliary loss's metrics, `grad_norm`, `loss_q0..3` (by timestep quartile), `lr`, `img_per_s`, `mfu`; logged to the
   trackers and appended to `metrics.jsonl`.
-- [`CheckpointHook`]: every `--checkpointing_steps` (and at the last step) an atomic checkpoint, pruning to
-  `--checkpoints_total_limit`, and with `--push_checkpoints` an upload.
+- [`CheckpointHook`]: every `--checkpointing_steps` (and at the last step) an atomic checkpoint of finite weights,
+  pruning to `--checkpoints_total_limit` (never the newest finite checkpoint), and with `--push_checkpoints` an
+  upload.
+- [`GuardHook`]: one collective decision per optimizer step (`dit_hf.guards`): a non-finite loss or gradient norm on
+  any process vetoes the update everywhere and counts it (`nonfinite_steps`); after `--max_nonfinite_steps` in a row
+  it stops the run or rolls back; a stop signal on any process ends the run after this step's checkpoint.
 - [`SampleGridHook`]: every `--validation_steps`, a grid of EMA samples (`samples/step-*.png`, and the trackers).
 - [`EvalHook`]: every `--eval_steps` (and at the last step), FID / precision / recall / class consistency of EMA
   samples.
 - [`PlotHook`]: redraws `plots/*.png` from `metrics.jsonl` after logs (at most every 30 s) and evaluations.
 """
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from accelerate.logging import get_logger
 
+from .ema import load_ema
+from .guards import NonFiniteStop, Preempted, StepGuard, StopSignals, newest_finite_checkpoint
 from .pipeline_dit import DiTPipeline, image_grid
 from .trainer import Hook, Trainer, is_due
 
@@ -115,18 +123,20 @@ class LogHook(Hook):
         totals = trainer.sums.reduce(acc)
         micro_batches = totals.pop("micro_batches")
         logs = {
-            "loss": (totals.pop("loss") / micro_batches).item(),
             "lr": trainer.lr_scheduler.get_last_lr()[0],
             "img_per_s": imgs_per_s,
             "epoch": trainer.state.epoch,
-            "skipped_steps": trainer.state.skipped_steps,
+            "skipped_steps": trainer.state.skipped_steps,  # not applied: fp16 overflows and vetoes
+            "nonfinite_steps": trainer.state.nonfinite_steps,  # of which the non-finite guard's
         }
         quartiles = totals.pop("loss_by_quartile")
         grad_norm = totals.pop("grad_norm", None)
-        logs.update({name: (value / micro_batches).item() for name, value in totals.items()})  # auxiliary losses
-        if grad_norm is not None:
-            # Every process clips the same all-reduced gradients: average over steps only.
-            logs["grad_norm"] = (grad_norm / acc.num_processes / max(1, trainer.window["sync"])).item()
+        if micro_batches > 0:  # else every step since the last log was vetoed: no loss to average
+            logs["loss"] = (totals.pop("loss") / micro_batches).item()
+            logs.update({name: (value / micro_batches).item() for name, value in totals.items() if name != "loss"})
+        if grad_norm is not None and trainer.window["applied"] > 0:
+            # Every process clips the same all-reduced gradients: average over the applied steps only.
+            logs["grad_norm"] = (grad_norm / acc.num_processes / trainer.window["applied"]).item()
         for k in range(4):
             if quartiles[1, k] > 0:
                 logs[f"loss_q{k}"] = (quartiles[0, k] / quartiles[1, k]).item()
@@ -135,29 +145,127 @@ class LogHook(Hook):
         if torch.cuda.is_available():
             logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         acc.log(logs, step=step)
-        trainer.progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{imgs_per_s:.0f}")
+        trainer.progress.set_postfix(loss=f"{logs.get('loss', math.nan):.4f}", img_s=f"{imgs_per_s:.0f}")
         if acc.is_main_process:
             append_metrics(config.output_dir, {"step": step, **logs})
-        trainer.window.update(sync=0, samples=0)
+        trainer.window.update(sync=0, applied=0, samples=0)
         trainer.sums.reset()
         self.t0 = time.perf_counter()
 
 
 class CheckpointHook(Hook):
+    """A checkpoint when due, except while `guard` counts non-finite steps in a row: the weights that led into them
+    are no state to return to."""
+
+    def __init__(self, guard: "GuardHook | None" = None):
+        self.guard = guard
+
     def on_step_end(self, trainer: Trainer) -> None:
-        config = trainer.config
-        if not is_due(trainer.state.global_step, config.checkpointing_steps, trainer.max_train_steps):
+        config, step = trainer.config, trainer.state.global_step
+        if not is_due(step, config.checkpointing_steps, trainer.max_train_steps):
+            return
+        if self.guard is not None and self.guard.in_a_row:
+            logger.warning("Step %d: not checkpointed during non-finite steps.", step)
             return
         from .training import prune_checkpoints
 
         path = trainer.save_checkpoint()
+        if path is None:  # not finite: the older checkpoints stay as they are
+            return
         if trainer.accelerator.is_main_process:
-            for removed in prune_checkpoints(trainer.checkpoints_dir, config.checkpoints_total_limit):
+            keep = newest_finite_checkpoint(trainer.checkpoints_dir) if config.checkpoints_total_limit else None
+            for removed in prune_checkpoints(trainer.checkpoints_dir, config.checkpoints_total_limit, keep=keep):
                 logger.info("Removed old checkpoint %s", removed)
             if config.push_to_hub and config.push_checkpoints:
                 from .hub import push_checkpoint
 
                 push_checkpoint(path, config.hub_model_id, private=config.hub_private_repo)
+
+
+class GuardHook(Hook):
+    """The non-finite and stop-signal guard of `dit_hf.guards` as a hook. It decides and counts in `allow_update`, so
+    every `on_step_end` of the step sees the counts; put it after the logs and checkpoints, as it acts after them: it
+    stops or rolls back after `--max_nonfinite_steps`, and on a stop signal writes the step's checkpoint (unless
+    [`CheckpointHook`] just did) and sets `trainer.stop`.
+
+    Run the loop inside [`signals_handled`] and call [`finish`] after it: it raises [`NonFiniteStop`] when the final
+    weights are not finite and [`Preempted`] after a stop signal (the exit statuses of `train_dit.py`).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.signals = StopSignals(config.save_on_signal)
+        self.guard: StepGuard | None = None  # made with the trainer's accelerator
+        self.check = None  # this step's decision
+        self.diverged = False  # --max_nonfinite_steps reached at this step
+        self.stopped_by: str | None = None
+
+    @property
+    def in_a_row(self) -> int:
+        return self.guard.in_a_row if self.guard is not None else 0
+
+    @contextlib.contextmanager
+    def signals_handled(self):
+        """Stop signals only noted (the run stops after the step) inside; their usual effect outside."""
+        self.signals.install()
+        try:
+            yield
+        finally:
+            self.signals.restore()
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        config = self.config
+        self.guard = StepGuard(trainer.accelerator, self.signals, config.max_nonfinite_steps, config.on_nonfinite)
+        self.params = [p for module in trainer.trained_modules() for p in module.parameters()]
+
+    def allow_update(self, trainer: Trainer, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        # The loss sums are finite when a step starts (a vetoed step's are put back): a non-finite one now is a
+        # non-finite earlier micro-batch of this step. (Not the gradient norms: fp16 overflows are the scaler's.)
+        for name, value in trainer.sums.sums.items():
+            if name != "grad_norm":
+                self.guard.observe_loss(value)
+        self.guard.observe_loss(loss)
+        if grad_norm is None:  # no clipping: the norm is still checked
+            grad_norm = self.guard.grad_norm(self.params)
+        # Non-finite loss or gradients on any process, or a stop signal: one decision for all (one host sync).
+        self.check = self.guard.check(grad_norm)
+        if self.check.skip:
+            self.guard.skip_update()  # nothing reaches the weights, the optimizer state or the LR schedule
+            trainer.state.nonfinite_steps += 1  # also counted in skipped_steps, as every vetoed step
+        step = trainer.state.global_step + 1  # the optimizer step this decides
+        self.diverged = self.guard.record(self.check, step, trainer.state.nonfinite_steps)
+        return not self.check.skip
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        state = trainer.state
+        if self.diverged:  # raises NonFiniteStop, or rolls back to the last good checkpoint and goes on
+            load_ema_state = functools.partial(load_ema, trainer.ema)
+            self.guard.act_on_divergence(state.global_step, trainer.checkpoints_dir, trainer.lr_scheduler,
+                                         self.config.rollback_lr_factor, load_ema_state)  # fmt: skip
+            state.rollbacks += 1
+        if self.check.stop:
+            this_step = os.path.join(trainer.checkpoints_dir, f"checkpoint-{state.global_step}")
+            if trainer.last_checkpoint != this_step:  # CheckpointHook wrote none at this step
+                trainer.save_checkpoint()
+            self.stopped_by = self.check.stop
+            trainer.stop = True
+
+    def finish(self, trainer: Trainer) -> None:
+        """After the loop, on every process: raise if the weights are not finite or a signal stopped the run."""
+        finite = trainer.weights_finite()
+        # A barrier after the guard's all-reduces (of tensors made in Python): a gloo process group torn down while its
+        # threads still release such a tensor can deadlock on the GIL at exit.
+        trainer.accelerator.wait_for_everyone()
+        if not finite:
+            last_good = newest_finite_checkpoint(trainer.checkpoints_dir)
+            fallback = (
+                f"The last good checkpoint is {last_good}." if last_good else "No checkpoint has finite weights."
+            )
+            raise NonFiniteStop(
+                f"The weights are not finite after step {trainer.state.global_step}: nothing exported. {fallback}"
+            )
+        if self.stopped_by is not None:
+            raise Preempted(trainer.state.global_step, trainer.last_checkpoint, self.stopped_by)
 
 
 class SampleGridHook(Hook):

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from .collate import whole_batch_collate
 from .shards import ShardedRows, ShardError, shard_metadata
+from .training import flip_flags
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
@@ -430,8 +431,8 @@ class CachedLatentDataset(Dataset):
     """The posterior moments of a complete latent cache, read from memory-mapped shards, in the data set's order.
 
     Item `i` is `{"moments": (2, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
-    and `logvar` of its posterior or, with `random_flip`, of its horizontal flip's with probability 0.5 (drawn from
-    torch's global RNG, which DataLoader seeds per worker). "class_labels" is left out for unconditional data.
+    and `logvar` of its posterior or, with `random_flip`, of its horizontal flip's with probability 0.5 (a function of
+    (seed, epoch, index): [`~dit_hf.training.flip_flags`]). "class_labels" is left out for unconditional data.
     Opening a cache reads the shards' headers and `index` tensors only; each item is copied out of the mapped files
     when asked for, so private memory stays flat however large the cache, and the processes of one machine share the
     file pages. Sample the latents on the device with `sample_latents`.
@@ -439,15 +440,17 @@ class CachedLatentDataset(Dataset):
     Args:
         cache_dir (`str`): A directory written by `encode_to_cache`.
         random_flip (`bool`, defaults to `False`): Whether to return the flipped image's moments half of the time.
+        seed (`int`, defaults to 0): The run's seed, which fixes the flips (with the epoch each index carries).
 
     Raises:
         `ValueError`: If the cache is incomplete or corrupt (no `cache_info.json`, a missing or unreadable shard, a
             missing or repeated index, wrong shapes); the message says to delete it and rerun.
     """
 
-    def __init__(self, cache_dir: str, random_flip: bool = False):
+    def __init__(self, cache_dir: str, random_flip: bool = False, seed: int = 0):
         self.cache_dir = cache_dir
         self.random_flip = random_flip
+        self.seed = seed
         rebuild = f"Delete {cache_dir!r} and rerun to rebuild the cache."
         if not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
             raise ValueError(f"{cache_dir!r} holds no complete latent cache (no {CACHE_INFO_NAME}). {rebuild}")
@@ -513,9 +516,14 @@ class CachedLatentDataset(Dataset):
             batch["repa_features"] = self.rows.gather(list(FEATURE_TENSORS), indices, flip)
         return batch
 
+    def flips(self, indices) -> torch.Tensor:
+        """Long `(len(indices),)`: 1 where the flipped image's moments are used, a function of (seed, epoch, index)."""
+        if not self.random_flip:
+            return torch.zeros(len(indices), dtype=torch.long)
+        return flip_flags(self.seed, indices).long()
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        return {key: value[0] for key, value in self.gather([i], torch.tensor([int(flip)])).items()}
+        return {key: value[0] for key, value in self.gather([int(i)], self.flips([i])).items()}
 
 
 class BatchedCachedLatents(CachedLatentDataset):
@@ -523,15 +531,11 @@ class BatchedCachedLatents(CachedLatentDataset):
     read per item and a stack (about 15× faster on CPU at 32×32×4 latents; see bench/bench_loader.py).
 
     DataLoader calls `__getitems__` with a batch's indices; build it with `collate_fn=BatchedCachedLatents.collate`,
-    which passes the ready batch through. Flips are drawn from torch's global RNG, one per item, like the parent.
+    which passes the ready batch through. Flips are chosen per item, as by the parent.
     """
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        if self.random_flip:
-            flip = (torch.rand(len(indices)) < 0.5).long()
-        else:
-            flip = torch.zeros(len(indices), dtype=torch.long)
-        return self.gather(indices, flip)
+        return self.gather([int(i) for i in indices], self.flips(indices))
 
     collate = staticmethod(whole_batch_collate)
 

@@ -10,8 +10,8 @@ What plugs in, without an edit of the loop:
   and checkpointed in their own subfolder), a context that captures what it needs from the model's forward, its loss
   term and the metrics it logs.
 - Periodic work is a [`Hook`] (`dit_hf.hooks`): `on_train_start`, `allow_update` (asked on every process before an
-  optimizer step; all must agree, e.g. a non-finite guard), `on_step_end` (after each optimizer step: logging,
-  checkpoints, grids, FID, a preemption check that saves and sets `trainer.stop`), `on_train_end`.
+  optimizer step; all must agree, e.g. the non-finite guard `dit_hf.hooks.GuardHook`), `on_step_end` (after each
+  optimizer step: logging, checkpoints, grids, FID, the guard's stop on a signal), `on_train_end`.
 - How x0 is made from a batch is a [`LatentSpace`] (None in pixel space): a VAE's, the latent cache's, or an
   autoencoder adapter's `encode` to posterior moments.
 
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .distributed import full_tensor, gather_full_model
 from .ema import load_ema, save_ema
 from .fp8 import strip_fp8
+from .guards import tensors_finite
 from .latents import sample_latents
 from .objective import loss_by_timestep_quartile
 from .training import (
@@ -147,6 +148,17 @@ class RunningSums:
         for value in self.sums.values():
             value.zero_()
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: value.clone() for name, value in self.sums.items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Put back the sums of `snapshot`; those started since then go back to zero."""
+        for name, value in self.sums.items():
+            if name in snapshot:
+                value.copy_(snapshot[name])
+            else:
+                value.zero_()
+
 
 # ---- one optimizer step -------------------------------------------------------------------------------------------
 
@@ -197,7 +209,8 @@ class Hook:
     def allow_update(self, trainer: "Trainer", loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Asked on every process before each optimizer step, after clipping (`grad_norm`: the norm before it, None
         without clipping; `loss`: this process's last micro-batch). All processes must return the same answer: reduce
-        across them (`trainer.accelerator.reduce`) before deciding. False skips the update and the EMA."""
+        across them (`trainer.accelerator.reduce`) before deciding. False skips the update and the EMA, and leaves the
+        step's metrics out of the logged averages."""
         return True
 
     def on_step_end(self, trainer: "Trainer") -> None:
@@ -249,7 +262,9 @@ class Trainer:
         for aux in self.aux_losses:
             aux.modules = {name: self.accelerator.prepare(module) for name, module in aux.modules.items()}
         self.sums = RunningSums(self.accelerator.device)
-        self.window = {"sync": 0, "samples": 0}  # optimizer steps and samples since the last log
+        # optimizer steps (all, and those applied, whose metrics the sums hold) and samples since the last log
+        self.window = {"sync": 0, "applied": 0, "samples": 0}
+        self.last_checkpoint: str | None = None  # the checkpoint the last save_checkpoint wrote
         self.checkpoints_dir = os.path.join(self.config.output_dir, "checkpoints")
         self.accelerator.register_save_state_pre_hook(self._save_models)
         self.accelerator.register_load_state_pre_hook(self._load_models)
@@ -258,7 +273,7 @@ class Trainer:
 
     def train(self) -> TrainerState:
         acc, state = self.accelerator, self.state
-        trained = (self.model, *(m for aux in self.aux_losses for m in aux.modules.values()))
+        trained = self.trained_modules()
         # The prepared modules' parameters: FSDP swaps in sharded ones in `prepare`.
         clip = functools.partial(self.clip_grad_norm, [p for module in trained for p in module.parameters()])
         self.progress = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
@@ -274,6 +289,8 @@ class Trainer:
             state.epoch = epoch
             self.sampler.set_position(epoch, start=state.samples_in_epoch)  # exact resume: skip what was seen
             for batch in self.dataloader:
+                if micro_step == 0:  # the metrics before this step: a vetoed step's are dropped from the averages
+                    kept = self.sums.snapshot()
                 # batch -> x0, with the draws of this process's rows of the global batch (any process layout alike)
                 n = batch_size_of(batch)
                 offset = sample_offset(micro_step, acc.process_index, acc.num_processes, n)
@@ -301,12 +318,15 @@ class Trainer:
 
                 # an optimizer step is done: EMA, counters, then the hooks (log, checkpoint, grids, FID, plots)
                 micro_step = 0
+                if not applied:
+                    self.sums.restore(kept)
                 if not applied or acc.optimizer_step_was_skipped:
                     state.skipped_steps += 1  # fp16 overflow or a hook's veto: neither the update nor the EMA
                 else:
                     self.ema.update(self.unwrapped)
                 state.global_step += 1
                 self.window["sync"] += 1
+                self.window["applied"] += applied
                 self.progress.update(1)
                 for hook in self.hooks:
                     hook.on_step_end(self)
@@ -320,6 +340,10 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_end(self)
         return state
+
+    def trained_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The model and the auxiliary losses' modules (prepared)."""
+        return (self.model, *(m for aux in self.aux_losses for m in aux.modules.values()))
 
     def clip_grad_norm(self, params: list) -> torch.Tensor:
         """Clip to `--max_grad_norm`; the norm before clipping, whole (under FSDP a sharded tensor until gathered)."""
@@ -389,10 +413,22 @@ class Trainer:
             json.dump(self.record, f, indent=2)
         self.state.save(directory)  # last: only a checkpoint with a trainer state counts (atomic_checkpoint)
 
-    def save_checkpoint(self) -> str:
-        """`checkpoints/checkpoint-{step}`, written atomically (see `atomic_checkpoint`); on every process."""
-        return atomic_checkpoint(self.accelerator, self.checkpoints_dir, self.state.global_step,
-                                 self._write_checkpoint_extras)  # fmt: skip
+    def weights_finite(self) -> bool:
+        """Whether the trained weights and every EMA average are finite on every process (a collective)."""
+        trained = [p for module in self.trained_modules() for p in module.parameters()]
+        averages = [list(average.values()) for average in self.ema.state_dict()["averages"]]
+        return tensors_finite(self.accelerator, trained, *averages)
+
+    def save_checkpoint(self) -> str | None:
+        """`checkpoints/checkpoint-{step}`, written atomically (see `atomic_checkpoint`); on every process. None, and
+        the older checkpoints left as they are, when the weights hold NaN/inf: they are no state to resume from."""
+        if not self.weights_finite():
+            logger.error("Step %d: the weights are not finite; no checkpoint written.", self.state.global_step)
+            self.last_checkpoint = None
+            return None
+        self.last_checkpoint = atomic_checkpoint(self.accelerator, self.checkpoints_dir, self.state.global_step,
+                                                 self._write_checkpoint_extras)  # fmt: skip
+        return self.last_checkpoint
 
     def resume(self) -> str | None:
         """Load `--resume_from_checkpoint` (model, optimizer, scheduler, RNG, EMA, position); None: nothing to load."""

@@ -3,7 +3,9 @@
 Two choices make runs reproducible across interruptions and process counts:
 
 - The data order is a permutation drawn from (seed, epoch) alone ([`EpochSampler`]); resuming starts the
-  permutation at the saved position instead of loading and discarding the batches already seen.
+  permutation at the saved position instead of loading and discarding the batches already seen. Each index it yields
+  carries its epoch ([`SampleIndex`]), so a sample's random flip is a function of (seed, epoch, index)
+  ([`flip_flags`]), not of an RNG state that prefetching, DataLoader workers or latent caching would advance.
 - The random draws of an optimizer step (timesteps, noise, label dropout, latent sampling) are made for the whole
   global batch from a generator on the training device seeded by (seed, step) ([`StepRandomness`]); each process
   takes the rows of its own samples. So 2 processes × batch 4 train exactly like 1 process × batch 4 × 2
@@ -18,6 +20,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -50,10 +53,56 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)
-        yield from order[self.start :].tolist()
+        for index in order[self.start :].tolist():
+            yield SampleIndex(index, self.epoch)
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+class SampleIndex(int):
+    """A data set index that also carries the epoch it is drawn in (`.epoch`), as [`EpochSampler`] yields them.
+
+    It is an `int` everywhere else, and it survives the DataLoader's batching and its trip to worker processes, where
+    the data set reads the epoch to draw the sample's flip ([`flip_flags`]).
+    """
+
+    def __new__(cls, index: int, epoch: int = 0):
+        obj = super().__new__(cls, index)
+        obj.epoch = epoch
+        return obj
+
+    def __reduce__(self):
+        return (SampleIndex, (int(self), self.epoch))
+
+    def __repr__(self) -> str:
+        return f"SampleIndex({int(self)}, epoch={self.epoch})"
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    # The SplitMix64 finaliser (Steele et al., "Fast splittable pseudorandom number generators", 2014): every input
+    # bit flips each output bit with probability about 1/2. uint64 arrays wrap around silently, as the mix needs.
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def flip_flags(seed: int, indices) -> torch.Tensor:
+    """Whether to flip each sample: a fair coin per (seed, epoch, index), the same in any process, worker or run.
+
+    `indices` are data set indices; the epoch is each one's `.epoch` ([`SampleIndex`]), 0 for a plain `int`. A hash
+    instead of an RNG stream: nothing that draws other numbers, prefetches a batch or encodes a cache can shift it,
+    and a resumed run flips exactly what an uninterrupted one does.
+    """
+    index = np.array([int(i) for i in indices], dtype=np.uint64)
+    epoch = np.array([getattr(i, "epoch", 0) for i in indices], dtype=np.uint64)
+    h = _mix64(np.full(len(index), seed & _MASK64, dtype=np.uint64))
+    h = _mix64(_mix64(h ^ epoch) ^ index)
+    return torch.from_numpy((h >> np.uint64(63)).astype(bool))
 
 
 class StepRandomness:
@@ -133,6 +182,8 @@ class TrainerState:
     epoch: int = 0
     samples_in_epoch: int = 0  # global count of samples of this epoch already consumed
     skipped_steps: int = 0  # fp16 steps with inf/NaN gradients, not applied
+    nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm on some process, not applied
+    rollbacks: int = 0  # reloads of an earlier checkpoint after non-finite steps (--on_nonfinite rollback)
 
     def save(self, directory: str):
         with open(os.path.join(directory, TRAINER_STATE), "w") as f:
@@ -278,12 +329,15 @@ def atomic_checkpoint(accelerator, checkpoints_dir: str, step: int, write_extra)
     return final
 
 
-def prune_checkpoints(checkpoints_dir: str, total_limit: int | None) -> list[str]:
-    """Delete the oldest complete checkpoints beyond `total_limit`; returns the removed paths."""
+def prune_checkpoints(checkpoints_dir: str, total_limit: int | None, keep: str | None = None) -> list[str]:
+    """Delete the oldest complete checkpoints beyond `total_limit`, never `keep` (e.g. the newest one with finite
+    weights, see `dit_hf.guards.newest_finite_checkpoint`); returns the removed paths."""
     if not total_limit:
         return []
     found = list_checkpoints(checkpoints_dir)
-    removed = [path for _, path in found[: max(0, len(found) - total_limit)]]
+    keep = os.path.abspath(keep) if keep else None
+    oldest = found[: max(0, len(found) - total_limit)]
+    removed = [path for _, path in oldest if os.path.abspath(path) != keep]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
