@@ -12,7 +12,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from dit_hf.latents import (
@@ -395,6 +396,9 @@ def test_mapped_batches_equal_the_in_memory_layout(cache):
     assert torch.equal(batch["moments"], in_memory[index, flip])
     assert torch.equal(batch["class_labels"], stored["labels"][index])
     assert batch["moments"].is_contiguous() and batch["moments"].dtype == torch.float32
+    # The whole-cache view reads the same layout a slice at a time.
+    assert ds.moments.shape == in_memory.shape
+    assert torch.equal(ds.moments[2:9], in_memory[2:9]) and torch.equal(ds.moments[-1], in_memory[-1])
 
 
 def test_cached_dataset_holds_no_data_in_memory(vae, tmp_path):
@@ -473,3 +477,23 @@ def test_interrupted_build_resumes_with_another_process_count(vae, tmp_path):
     counting = CountingVAE(vae)
     encode(counting, dataset, tmp_path / "cache", storage_dtype=torch.float16)
     assert counting.calls == 11  # 5 shards of 2 batches and one of 1
+
+
+def test_cache_of_deterministic_latents_reads_the_tensors_its_info_lists(cache, tmp_path):
+    """A cache whose info lists "latent_tensors" ["latents"] (deterministic encoders) gives moments (B, 1, C, h, w)."""
+    copy = tmp_path / "latents"
+    shutil.copytree(cache, copy)
+    for name in (n for n in os.listdir(copy) if n.endswith(".safetensors")):
+        with safe_open(str(copy / name), framework="pt") as f:
+            shard, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+        for prefix in ("", "flip_"):
+            shard[prefix + "latents"] = shard.pop(prefix + "mean")
+            del shard[prefix + "logvar"]
+        save_file(shard, str(copy / name), metadata=metadata)
+    info = json.loads((copy / "cache_info.json").read_text())
+    (copy / "cache_info.json").write_text(json.dumps({**info, "latent_tensors": ["latents"]}))
+    stored = read_shards(cache)
+    ds = BatchedCachedLatents(str(copy), random_flip=False)
+    assert torch.equal(ds.__getitems__([4, 0])["moments"], stored["mean"][[4, 0]].unsqueeze(1))
+    assert ds.moments.shape == (len(ds), 2, 1, *LATENT_SHAPE)
+    assert torch.equal(ds.moments[3][1, 0], stored["flip_mean"][3])

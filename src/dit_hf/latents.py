@@ -467,11 +467,14 @@ class CachedLatentDataset(Dataset):
             raise ValueError(f"The latent cache is corrupt: shard {name} is unreadable ({err}). {rebuild}") from err
         except ValueError as err:
             raise ValueError(f"The latent cache is incomplete or corrupt: {err}. {rebuild}") from err
+        # The tensors stacked into "moments", in order (caches list them in their info; older ones hold a posterior).
+        self.latent_tensors = tuple(self.info.get("latent_tensors", SHARD_TENSORS[1:3]))
         self._check_shapes(rebuild)
 
     def _check_shapes(self, rebuild: str) -> None:
         latent_shape, feature_shape = self.info["latent_shape"], self.info.get("feature_shape")
-        expected = {key: latent_shape for key in SHARD_TENSORS[1:5]} | {"labels": []}
+        stacked = [prefix + name for prefix in ("", "flip_") for name in self.latent_tensors]
+        expected = {key: latent_shape for key in stacked} | {"labels": []}
         if feature_shape is not None:
             expected |= {key: feature_shape for key in FEATURE_TENSORS}
         dtype = STORAGE_DTYPES[self.info["dtype"]]
@@ -480,7 +483,7 @@ class CachedLatentDataset(Dataset):
             for key, shape in expected.items():
                 if key not in shard.header or list(shard.shape(key)) != [int(count), *shape]:
                     raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong shape. {rebuild}")
-            if any(shard.dtype(key) != dtype for key in SHARD_TENSORS[1:5]):
+            if any(shard.dtype(key) != dtype for key in stacked):
                 raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong dtype. {rebuild}")
 
     @property
@@ -507,14 +510,19 @@ class CachedLatentDataset(Dataset):
     def gather(self, indices: list[int], flip: torch.Tensor) -> dict[str, torch.Tensor]:
         """The items `indices` as one batch, each from its flip when `flip` (a 0/1 tensor, one per index) says so."""
         flip = flip.numpy()
-        mean = self.rows.gather(["mean", "flip_mean"], indices, flip)
-        logvar = self.rows.gather(["logvar", "flip_logvar"], indices, flip)
-        batch = {"moments": torch.stack([mean, logvar], dim=1)}  # (B, 2, C, h, w): [mean, logvar]
+        stacked = [self.rows.gather([name, "flip_" + name], indices, flip) for name in self.latent_tensors]
+        batch = {"moments": torch.stack(stacked, dim=1)}  # (B, K, C, h, w), e.g. [mean, logvar]
         if self.has_labels:
             batch["class_labels"] = self.rows.gather(["labels"], indices)
         if self.has_features:
             batch["repa_features"] = self.rows.gather(list(FEATURE_TENSORS), indices, flip)
         return batch
+
+    @property
+    def moments(self) -> "CachedMoments":
+        """Every item's moments and its flip's as a read-only `(N, 2, K, C, h, w)` view, read through the maps
+        a slice at a time (e.g. for statistics over the whole cache in bounded memory)."""
+        return CachedMoments(self)
 
     def flips(self, indices) -> torch.Tensor:
         """Long `(len(indices),)`: 1 where the flipped image's moments are used, a function of (seed, epoch, index)."""
@@ -524,6 +532,29 @@ class CachedLatentDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.gather([int(i)], self.flips([i])).items()}
+
+
+class CachedMoments:
+    """`CachedLatentDataset.moments`: indexing the first dimension (an int or a slice) reads those items, each with
+    its flip, as a new tensor `(n, 2, K, C, h, w)` (`(2, K, C, h, w)` for an int)."""
+
+    def __init__(self, dataset: CachedLatentDataset):
+        self.dataset = dataset
+        k = len(dataset.latent_tensors)
+        self.shape = torch.Size([len(dataset), 2, k, *dataset.info["latent_shape"]])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice) -> torch.Tensor:
+        if not isinstance(key, (int, slice)):
+            raise TypeError(f"CachedMoments is indexed by an int or a slice of items, got {type(key).__name__}.")
+        indices = range(len(self))[key]
+        single = isinstance(key, int)
+        indices = [indices] if single else list(indices)
+        both = [self.dataset.gather(indices, torch.full((len(indices),), flip))["moments"] for flip in (0, 1)]
+        out = torch.stack(both, dim=1)
+        return out[0] if single else out
 
 
 class BatchedCachedLatents(CachedLatentDataset):
