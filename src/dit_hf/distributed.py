@@ -20,6 +20,11 @@ def full_tensor(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def local_tensor(tensor):
+    """This process's shard of an FSDP-sharded tensor (a DTensor; no communication); others as they are."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def enable_fsdp_on_cpu(accelerator) -> bool:
     """Switch a multi-process CPU `accelerator` to FSDP when the launch asked for it; call before `prepare`.
 
