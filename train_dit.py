@@ -41,6 +41,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers.optimization import get_scheduler
 
 from dit_hf import DiTModel
+from dit_hf.autoencoders import cached_channel_statistics, latent_shape, load_autoencoder, make_latent_norm
 from dit_hf.config import TrainConfig, requested_precision, resolve_config
 from dit_hf.data import (
     CachedImages,
@@ -138,11 +139,7 @@ def build_objective(config: TrainConfig, sample_shape: tuple[int, int, int]):
 
 
 def load_vae(config: TrainConfig, dtype):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(config.vae, subfolder=config.vae_subfolder, cache_dir=config.cache_dir)
-    vae.requires_grad_(False)
-    return vae.eval().to(dtype=dtype)
+    return load_autoencoder(config.vae, config.vae_subfolder, config.cache_dir, dtype)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -250,11 +247,11 @@ class Geometry:
 def plan_geometry(config: TrainConfig, vae, accelerator, num_samples: int) -> tuple[Geometry, float]:
     """The model's input shape, checked against the data; (geometry, training FLOPs per sample)."""
     latent_factor, in_channels = 1, config.image_channels
-    if vae is not None:
-        latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        in_channels = vae.config.latent_channels
     if config.resolution is None:
         raise ValueError("No image of the data set could be read to take the resolution from: pass --resolution.")
+    if vae is not None:
+        in_channels, latent_size, _ = latent_shape(vae, config.resolution, config.image_channels)
+        latent_factor = max(1, config.resolution // latent_size)
     preset = {**DIT_PRESETS, **RECIPE_PRESETS}[config.model]
     patch_size = config.patch_size or preset["patch_size"]
     check_resolution(config.resolution, patch_size, latent_factor)
@@ -284,13 +281,14 @@ def build_image_dataset(config: TrainConfig, data: Data) -> torch.utils.data.Dat
     return dataset
 
 
-def latent_data(config: TrainConfig, accelerator, data: Data, images, vae, encoder):
-    """(the training data set, its latent space): the images in pixel space (None), the images encoded by the VAE
-    at every step, or with --cache_latents the latents (and REPA targets) encoded once into the cache."""
+def latent_data(config: TrainConfig, accelerator, data: Data, images, vae, channels: int, encoder):
+    """(the training data set, its latent space): the images in pixel space (None), the images encoded by the
+    autoencoder at every step, or with --cache_latents the latents (and REPA targets) encoded once into the cache;
+    either way with the `LatentNorm` of --latent_norm for its `channels`-channel latents."""
     if vae is None:
         return images, None
     if not config.cache_latents:
-        return images, LatentSpace.of_vae(vae)
+        return images, LatentSpace.of_vae(vae, make_latent_norm(config.latent_norm, vae, channels))
     features_fn = features_id = None
     if encoder is not None:
         from dit_hf.repa import cache_encoder_features
@@ -309,7 +307,10 @@ def latent_data(config: TrainConfig, accelerator, data: Data, images, vae, encod
         )
     accelerator.wait_for_everyone()
     cached = BatchedCachedLatents(config.cache_latents, random_flip=config.random_flip, seed=config.seed)
-    return cached, LatentSpace(cached.scaling_factor, cached.shift_factor)
+    stats = None
+    if config.latent_norm == "channel":  # computed once per cache, kept beside it
+        stats = cached_channel_statistics(config.cache_latents, cached, accelerator.is_main_process)
+    return cached, LatentSpace(make_latent_norm(config.latent_norm, vae, channels, stats))
 
 
 def build_dataloader(config: TrainConfig, dataset) -> tuple[EpochSampler, torch.utils.data.DataLoader]:
@@ -448,7 +449,7 @@ def main(config: TrainConfig) -> dict:
     geometry, flops_per_sample = plan_geometry(config, vae, accelerator, len(data.ds))
     images = build_image_dataset(config, data)
     encoder = build_repa_encoder(config, accelerator)
-    dataset, latents = latent_data(config, accelerator, data, images, vae, encoder)
+    dataset, latents = latent_data(config, accelerator, data, images, vae, geometry.in_channels, encoder)
     sampler, dataloader = build_dataloader(config, dataset)
 
     # ---- model, objective, auxiliary losses, optimisation ------------------------------------------------------
@@ -478,7 +479,7 @@ def main(config: TrainConfig) -> dict:
         vae.to(accelerator.device)
 
     # ---- train -------------------------------------------------------------------------------------------------
-    sampling = Sampling(objective, vae, data.id2label, config)
+    sampling = Sampling(objective, vae, data.id2label, config, latents.norm if latents is not None else None)
     hooks = make_hooks(config, sampling, data.num_classes, flops_per_sample)
     randomness = StepRandomness(
         config.seed, config.num_train_timesteps, config.train_batch_size * accelerator.num_processes

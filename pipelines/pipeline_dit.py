@@ -9,6 +9,7 @@ sibling `scheduling_dit.py`, so `save_pretrained` can copy both into the pipelin
 import importlib
 import inspect
 import json
+import math
 import numbers
 import os
 import shutil
@@ -40,6 +41,46 @@ NUM_INFERENCE_STEPS = 50
 GUIDANCE_SCALE = 4.0
 # Schedulers whose `step` takes [prediction, variance] and uses a learned variance (variance_type "learned[_range]").
 LEARNED_VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
+# Autoencoders that take and give images in [0, 1] and normalise their latents inside `encode` / `decode` (RAE:
+# ImageNet mean/std on the pixels; `latents_mean` / `latents_std` and `scaling_factor` on the latents). The others
+# (AutoencoderKL, AutoencoderDC, ...) work in [-1, 1] and leave `scaling_factor` / `shift_factor` to the caller.
+# dit_hf.autoencoders reads these facts from here: this file must run alone as a saved folder's code.
+SELF_NORMALISING_AUTOENCODERS = ("AutoencoderRAE",)
+
+
+def self_normalising(vae) -> bool:
+    """Whether `vae` maps [0, 1] images to latents it has already normalised and scaled (see the constant above)."""
+    return type(vae).__name__ in SELF_NORMALISING_AUTOENCODERS
+
+
+def vae_latent_scale(vae) -> tuple[float, float]:
+    """`(shift, scaling)` that bring `vae`'s latents to the DiT's scale as `(z - shift) * scaling`: the config's
+    `shift_factor` (0 if None) and `scaling_factor`, or `(0, 1)` for an autoencoder that applies them itself."""
+    if self_normalising(vae):
+        return 0.0, 1.0
+    return float(getattr(vae.config, "shift_factor", None) or 0.0), float(vae.config.scaling_factor)
+
+
+def decoded_to_unit_range(vae, images: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(...).sample` as images in [0, 1]."""
+    if self_normalising(vae):
+        return images.clamp(0, 1)
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def check_latent_statistics(latents_mean: list | None, latents_std: list | None) -> None:
+    """Both or neither given, of equal length, every std finite and > 0."""
+    if (latents_mean is None) != (latents_std is None):
+        raise ValueError("Pass both `latents_mean` and `latents_std` (one value per latent channel), or neither.")
+    if latents_mean is None:
+        return
+    if len(latents_mean) != len(latents_std) or not latents_mean:
+        raise ValueError(
+            f"`latents_mean` ({len(latents_mean)} values) and `latents_std` ({len(latents_std)}) must both have one "
+            "value per latent channel."
+        )
+    if not all(math.isfinite(m) for m in latents_mean) or not all(math.isfinite(s) and s > 0 for s in latents_std):
+        raise ValueError("`latents_mean` must be finite and `latents_std` finite and > 0.")
 
 
 def flatten_labels(labels) -> list:
@@ -122,7 +163,8 @@ class DiTPipeline(DiffusionPipeline):
             `"v_prediction"`, e.g. `DDPMScheduler` (uses the learned variance), `DDIMScheduler`,
             `DPMSolverMultistepScheduler`; for `"flow"` `FlowMatchEulerDiscreteScheduler` or
             `FlowMatchHeunDiscreteScheduler` with the training T. See [`~DiTPipeline.matching_scheduler`].
-        vae ([`AutoencoderKL`], *optional*): Decodes latents into images. `None` for a pixel-space model.
+        vae (`AutoencoderKL`, `AutoencoderDC`, `AutoencoderRAE`, ..., *optional*): Decodes latents into images.
+            `None` for a pixel-space model.
         id2label (`dict[int, str]`, *optional*): Class names; a name may list synonyms separated by commas.
         objective (`str`, defaults to `"ddpm_eps"`): What the model predicts: `"ddpm_eps"` (ε, DiT), `"ddpm_v"`
             (v) or `"flow"` (the flow-matching velocity ε - x_0). Saved in model_index.json; folders saved
@@ -131,6 +173,10 @@ class DiTPipeline(DiffusionPipeline):
             (e.g. the setting the model was validated with); 50 if None. Saved in model_index.json.
         default_guidance_scale (`float`, *optional*): Guidance scale of a call that gives no `guidance_scale`; 4.0
             if None. Saved in model_index.json.
+        latents_mean, latents_std (`list[float]`, *optional*): Per-channel statistics the model's latents were
+            normalised with, `(z - mean) / std` (`--latent_norm channel` or `none`); `decode` undoes them. Without
+            them the VAE's own `scaling_factor` / `shift_factor` are undone (none for an `AutoencoderRAE`, which
+            normalises its latents itself). Saved in model_index.json.
 
     Loading: `DiTPipeline.from_pretrained(folder_or_repo_id, ...)` is diffusers' loader with all its arguments
     (`dtype`, also per component, `variant`, `device_map`, `low_cpu_mem_usage`, `use_safetensors`, components to
@@ -151,11 +197,14 @@ class DiTPipeline(DiffusionPipeline):
         objective: str = "ddpm_eps",
         default_num_inference_steps: int | None = None,
         default_guidance_scale: float | None = None,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"Unknown `objective` {objective!r}; choose one of {list(OBJECTIVES)}.")
         check_sampling_defaults(default_num_inference_steps, default_guidance_scale)
+        check_latent_statistics(latents_mean, latents_std)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         # JSON turns int keys into strings: normalise so a reloaded pipeline compares equal.
         id2label = {int(k): str(v) for k, v in id2label.items()} if id2label else None
@@ -164,6 +213,8 @@ class DiTPipeline(DiffusionPipeline):
             objective=objective,
             default_num_inference_steps=default_num_inference_steps,
             default_guidance_scale=default_guidance_scale,
+            latents_mean=[float(m) for m in latents_mean] if latents_mean is not None else None,
+            latents_std=[float(s) for s in latents_std] if latents_std is not None else None,
         )
         self.labels = {}
         for class_id, names in (id2label or {}).items():
@@ -403,12 +454,22 @@ class DiTPipeline(DiffusionPipeline):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (NCHW); pixel-space models map [-1, 1] to [0, 1] directly."""
-        if self.vae is not None:
-            scaling = self.vae.config.scaling_factor
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            latents = latents.to(self.vae.dtype) / scaling + shift
-            latents = self.vae.decode(latents).sample
-        return (latents / 2 + 0.5).clamp(0, 1)
+        if self.vae is None:
+            return (latents / 2 + 0.5).clamp(0, 1)
+        # A folder saved before these entries existed has none: `config.get`.
+        mean, std = self.config.get("latents_mean"), self.config.get("latents_std")
+        latents = latents.to(self.vae.dtype)
+        if mean is not None:
+            stats = torch.tensor([mean, std], device=latents.device, dtype=latents.dtype).reshape(2, 1, -1, 1, 1)
+            if stats.shape[2] != latents.shape[1]:
+                raise ValueError(
+                    f"The pipeline's `latents_mean` has {stats.shape[2]} channels, the latents {latents.shape[1]}."
+                )
+            latents = latents * stats[1] + stats[0]
+        else:
+            shift, scaling = vae_latent_scale(self.vae)
+            latents = latents / scaling + shift
+        return decoded_to_unit_range(self.vae, self.vae.decode(latents).sample)
 
     @staticmethod
     def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:

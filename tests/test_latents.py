@@ -497,3 +497,20 @@ def test_cache_of_deterministic_latents_reads_the_tensors_its_info_lists(cache, 
     assert torch.equal(ds.__getitems__([4, 0])["moments"], stored["mean"][[4, 0]].unsqueeze(1))
     assert ds.moments.shape == (len(ds), 2, 1, *LATENT_SHAPE)
     assert torch.equal(ds.moments[3][1, 0], stored["flip_mean"][3])
+
+
+def test_channel_statistics_of_a_cache_read_through_the_maps(cache, tmp_path):
+    """--latent_norm channel's statistics over the mapped cache equal those of the same moments held in memory."""
+    from dit_hf.autoencoders import cached_channel_statistics, channel_statistics
+
+    stored = read_shards(cache)
+    in_memory = torch.stack(
+        [torch.stack([stored[p + "mean"], stored[p + "logvar"]], dim=1) for p in ("", "flip_")], dim=1
+    )
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)  # the statistics are stored beside the cache
+    stats = cached_channel_statistics(str(copy), BatchedCachedLatents(str(copy)), is_main_process=True)
+    expected = channel_statistics(in_memory)
+    assert stats["mean"] == pytest.approx(expected["mean"], abs=1e-9)
+    assert stats["std"] == pytest.approx(expected["std"], abs=1e-9)
+    assert any(abs(m) > 1e-3 for m in stats["mean"])

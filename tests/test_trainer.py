@@ -10,10 +10,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.optimization import get_scheduler
 
+from dit_hf.autoencoders import LatentNorm
 from dit_hf.config import resolve_config
 from dit_hf.ema import EMAModels
+from dit_hf.latents import sample_latents
 from dit_hf.objective import make_objective
-from dit_hf.trainer import AuxiliaryLoss, Hook, RunningSums, Trainer, is_due, update_step
+from dit_hf.trainer import AuxiliaryLoss, Hook, LatentSpace, RunningSums, Trainer, is_due, make_x0, update_step
 from dit_hf.training import EpochSampler, StepRandomness, TrainerState, make_adamw
 
 
@@ -183,3 +185,21 @@ def test_a_run_stopped_by_a_hook_checkpoints_and_skips_the_export(tmp_path, monk
     summary = run(tmp_path, "--max_train_steps", "5", "--checkpointing_steps", "5")
     assert summary == {"steps": 2, "output_dir": str(tmp_path), "stopped": True}
     assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "model_index.json").exists()
+
+
+def test_make_x0_draws_gaussian_moments_as_before_and_normalises_deterministic_latents():
+    g = torch.Generator().manual_seed(0)
+    moments = torch.randn(2, 2, 4, 3, 3, generator=g)  # [mean, logvar] of a Gaussian posterior
+    noise = torch.randn(2, 4, 3, 3, generator=g)
+    scale = LatentSpace(LatentNorm("scale", torch.full((4,), 0.1), torch.full((4,), 0.18215)))
+    # The VAE path gives exactly what the scalar scaling of `sample_latents` gave before latent normalisation existed.
+    assert torch.equal(make_x0({"moments": moments}, scale, noise), sample_latents(moments, 0.18215, 0.1, noise=noise))
+    latents = torch.randn(2, 1, 4, 3, 3, generator=g)  # a deterministic encoder's (K = 1): no draw
+    mean, std = torch.tensor([0.0, 1.0, -1.0, 2.0]), torch.tensor([1.0, 2.0, 0.5, 4.0])
+    channel = LatentSpace(LatentNorm("channel", mean, 1 / std))
+    expected = (latents[:, 0] - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(make_x0({"moments": latents}, channel, noise), expected)
+    # Encoded at the step when the batch has pixels, not moments.
+    encoded = LatentSpace(channel.norm, encode=lambda pixels: latents)
+    torch.testing.assert_close(make_x0({"pixel_values": torch.zeros(2, 3, 6, 6)}, encoded, None), expected)
+    assert make_x0({"pixel_values": noise}, None, None) is noise

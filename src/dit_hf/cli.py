@@ -4,6 +4,7 @@ dit-hf sample PIPELINE_DIR --labels 0 1 2 3 --guidance_scale 4 --steps 50 --out 
 dit-hf sample PIPELINE_DIR --labels "golden retriever" tabby --scheduler dpm --steps 20
 dit-hf convert from-original DiT-XL-2-256x256.pt out/dit-xl-2    (see `dit-hf convert --help`)
 dit-hf plot outputs/dit                                          (redraw outputs/dit/plots/*.png)
+dit-hf train-rae --output outputs/digits-rae                     (RAE stage 1 on the digits)
 """
 
 import argparse
@@ -318,6 +319,23 @@ def run_make_glyphs(args) -> dict:
     return paths
 
 
+def add_train_rae_parser(subparsers):
+    from .rae import add_arguments
+
+    p = subparsers.add_parser(
+        "train-rae",
+        help="RAE stage 1 on the digits: a frozen digits DINOv2 and a trained AutoencoderRAE decoder.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_train_rae)
+
+
+def run_train_rae(args) -> dict:
+    from .rae import run
+
+    return run(args)
+
+
 def add_plot_parser(subparsers):
     p = subparsers.add_parser("plot", help="Redraw a training run's plots/*.png from its metrics.jsonl.")
     p.add_argument("output_dir", help="The --output_dir of train_dit.py (holds metrics.jsonl).")
@@ -347,6 +365,7 @@ def main(argv: list[str] | None = None):
     add_sample_eval_parser(subparsers)
     add_make_glyphs_parser(subparsers)
     add_plot_parser(subparsers)
+    add_train_rae_parser(subparsers)
     subparsers.add_parser("convert", help="Convert checkpoints (see `dit-hf convert --help`).")
     args = parser.parse_args(argv)
     try:

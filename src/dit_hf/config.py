@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .autoencoders import LATENT_NORMS
 from .guards import EXIT_NONFINITE, EXIT_PREEMPTED, ON_NONFINITE, parse_signals
 from .init_from import UNMAPPED_CHOICES, check_init_config
 from .modeling_dit import DIT_PRESETS, RECIPE_PRESETS
@@ -125,7 +126,19 @@ class TrainConfig:
         "Noise-level shift s (sigma' = s sigma / (1 + (s - 1) sigma)); 'auto' = sqrt(C*H*W / 4096) as in RAE.",
         MODEL,
     )
-    vae: str | None = flag(None, "AutoencoderKL repo id or path: train in its latent space.", MODEL)
+    vae: str | None = flag(
+        None,
+        "Repo id or path of a diffusers autoencoder (AutoencoderKL, AutoencoderDC, AutoencoderRAE, ...; the class is "
+        "read from its config): train in its latent space.",
+        MODEL,
+    )
+    latent_norm: str = flag(
+        "scale",
+        "How latents are normalised: the autoencoder's scaling_factor/shift_factor (scale; an RAE's own), "
+        "per-channel mean/std of the cached latents (channel, needs --cache_latents), or not at all (none).",
+        MODEL,
+        choices=LATENT_NORMS,
+    )
     vae_subfolder: str | None = flag(None, "E.g. 'vae' for a full pipeline repo.", MODEL)
     cache_latents: str | None = flag(None, "Encode the data once into DIR.", MODEL, metavar="DIR")
 
@@ -461,6 +474,10 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("Give --dataset_name or --train_data_dir, not both.")
     if config.cache_latents and not config.vae:
         raise ValueError("--cache_latents stores VAE latents: also pass --vae.")
+    if config.latent_norm != "scale" and not config.vae:
+        raise ValueError(f"--latent_norm {config.latent_norm} normalises autoencoder latents: also pass --vae.")
+    if config.latent_norm == "channel" and not config.cache_latents:
+        raise ValueError("--latent_norm channel takes its statistics from cached latents: pass --cache_latents DIR.")
     if config.cache_latents and config.cache_images:
         raise ValueError(
             "--cache_images and --cache_latents both keep the data set decoded; --cache_latents already skips the "

@@ -43,12 +43,13 @@ class Sampling:
     vae: object | None
     id2label: dict | None
     config: object  # dit_hf.config.TrainConfig
+    latent_norm: object | None = None  # dit_hf.autoencoders.LatentNorm, undone by the pipeline before decoding
 
     def pipeline(self, transformer) -> DiTPipeline:
-        return make_pipeline(transformer, self.objective, self.vae, self.id2label, self.config)
+        return make_pipeline(transformer, self.objective, self.vae, self.id2label, self.config, self.latent_norm)
 
 
-def make_pipeline(model, objective, vae, id2label, config) -> DiTPipeline:
+def make_pipeline(model, objective, vae, id2label, config, latent_norm=None) -> DiTPipeline:
     from .objective import make_scheduler
 
     return DiTPipeline(
@@ -59,6 +60,7 @@ def make_pipeline(model, objective, vae, id2label, config) -> DiTPipeline:
         objective=objective.name,
         default_num_inference_steps=config.num_inference_steps,
         default_guidance_scale=config.guidance_scale,
+        **(latent_norm.pipeline_config() if latent_norm is not None else {}),
     )
 
 

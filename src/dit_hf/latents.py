@@ -1,10 +1,11 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
-"""A cache of VAE posteriors, so that latent-space training runs the frozen `AutoencoderKL` once, not every step.
+"""A cache of encoded latents, so that latent-space training runs the frozen autoencoder once, not every step.
 
 As in fast-DiT, the training set is encoded once, for each image and its horizontal flip (so random flipping survives
 caching). Unlike fast-DiT, which stores one fixed sample `z ~ q(z | x)`, the cache stores the posterior moments
 (`mean`, `logvar` of `vae.encode(x).latent_dist`) and the training step draws a fresh `z` every epoch with
-`sample_latents`, exactly as encoding on the fly would.
+`sample_latents`, exactly as encoding on the fly would. For a deterministic encoder (`AutoencoderDC`,
+`AutoencoderRAE`) it stores the latents themselves; `dit_hf.autoencoders` says which (`encode_moments`).
 
 The trainer uses it like this (every process runs every line; `encode_to_cache` splits the work itself)::
 
@@ -22,9 +23,11 @@ random flipping: the flip is cached alongside.
 Layout of a cache directory:
 
 - `shard-{k:06d}.safetensors`: data set items `k * samples_per_shard` up to the next shard's first, with tensors
-  `index` (long, the dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`) and
-  `labels` (long, -1 when the data set is unconditional), and the metadata `has_labels` and `build` (the fingerprint
-  and storage settings it was written with). Which items a shard holds does not depend on the number of processes.
+  `index` (long, the dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`; `latents`
+  and `flip_latents` instead for a deterministic encoder, as `cache_info.json` lists under "latent_tensors") and
+  `labels` (long, -1 when the data set is unconditional), and the metadata `has_labels`, `latent_tensors` and `build`
+  (the fingerprint and storage settings it was written with). Which items a shard holds does not depend on the number
+  of processes.
 - `cache_info.json`: written last, by the main process, once every shard is on disk and checked. Its presence marks
   the cache complete. A directory without it is the remains of an interrupted run: `check_cache` answers False and
   `encode_to_cache` keeps the finished shards written with the same `build` (a shard is renamed into place only once
@@ -53,13 +56,14 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .autoencoders import GAUSSIAN_MOMENTS, LOGVAR_RANGE, encode_moments, moment_names, vae_latent_scale
 from .collate import whole_batch_collate
 from .shards import ShardedRows, ShardError, shard_metadata
 from .training import flip_flags
 
 CACHE_FORMAT_VERSION = 1
 CACHE_INFO_NAME = "cache_info.json"
-SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels")
+SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels")  # of a Gaussian posterior's cache
 # Optional: encoder features of each image and of its flip (REPA targets), when the cache was built with them.
 FEATURE_TENSORS = ("features", "flip_features")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -67,8 +71,6 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SHARD_PATTERN = re.compile(r"^shard-(\d{5}-\d{5}|\d{6})\.safetensors(\.tmp)?$")
 # Shards named by their position in the data set (`shard_name`); the older per-process names are only ever deleted.
 _NEW_SHARD_PATTERN = re.compile(r"^shard-\d{6}\.safetensors$")
-# DiagonalGaussianDistribution clamps logvar to this range before computing the standard deviation.
-LOGVAR_RANGE = (-30.0, 20.0)
 
 
 def _json_safe(value):
@@ -249,7 +251,8 @@ def _summarize_shards(cache_dir: str, num_samples: int) -> dict:
     for name in shards:
         with safe_open(os.path.join(cache_dir, name), framework="pt") as f:
             index = f.get_tensor("index")
-            shapes.add(tuple(f.get_slice("mean").get_shape()[1:]))
+            first = next(key for key in f.keys() if key not in ("index", "labels", *FEATURE_TENSORS))
+            shapes.add(tuple(f.get_slice(first).get_shape()[1:]))
             has_features = "features" in f.keys()
             feature_shapes.add(tuple(f.get_slice("features").get_shape()[1:]) if has_features else None)
             has_labels.add(f.metadata()["has_labels"] == "true")
@@ -309,18 +312,12 @@ def _encode_batch(vae, batch: dict, start: int, storage_dtype: torch.dtype, feat
     n = pixel_values.shape[0]
     # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
     both = torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])
-    posterior = vae.encode(both).latent_dist
-    mean, logvar = (t.to("cpu", storage_dtype).contiguous() for t in (posterior.mean, posterior.logvar))
+    moments = encode_moments(vae, both).to("cpu", storage_dtype)  # (2n, K, C, h, w)
     has_labels = "class_labels" in batch
     labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
-    part = {
-        "index": torch.arange(start, start + n),
-        "mean": mean[:n],
-        "logvar": logvar[:n],
-        "flip_mean": mean[n:],
-        "flip_logvar": logvar[n:],
-        "labels": labels.cpu(),
-    }
+    part = {"index": torch.arange(start, start + n), "labels": labels.cpu()}
+    for k, name in enumerate(moment_names(moments.shape[1])):
+        part[name], part["flip_" + name] = moments[:n, k].contiguous(), moments[n:, k].contiguous()
     if features_fn is not None:
         features = features_fn(both).to("cpu").contiguous()
         part["features"], part["flip_features"] = features[:n], features[n:]
@@ -351,8 +348,9 @@ def encode_to_cache(
 
     Args:
         accelerator (`accelerate.Accelerator`): Gives the process index, the number of processes and the barrier.
-        vae (`AutoencoderKL`): The frozen VAE, already on `accelerator.device`. Images are encoded in its dtype; keep
-            it in float32 when its config has `force_upcast=True` (as the SD VAEs do), else fp16 may overflow.
+        vae (`AutoencoderKL`, `AutoencoderDC`, `AutoencoderRAE`, ...): The frozen autoencoder, already on
+            `accelerator.device`. Images are encoded in its dtype; keep it in float32 when its config has
+            `force_upcast=True` (as the SD VAEs do), else fp16 may overflow.
         dataset (`torch.utils.data.Dataset`): Items are dicts with "pixel_values" (a float tensor `(3, R, R)` in
             [-1, 1]) and, for labelled data, "class_labels" (a long scalar). Build it without random flipping.
         cache_dir (`str`): The directory to write to; created if absent. All processes must see the same directory.
@@ -395,10 +393,9 @@ def encode_to_cache(
         parts.append(_encode_batch(vae, batch, indices[0], storage_dtype, features_fn))
         if indices[-1] == span[-1]:  # the shard's last batch
             tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-            has_labels = str("class_labels" in batch).lower()
-            _atomic_save(
-                tensors, os.path.join(cache_dir, shard_name(shard)), {"has_labels": has_labels, "build": build}
-            )
+            metadata = {"has_labels": str("class_labels" in batch).lower(), "build": build,
+                        "latent_tensors": ",".join(_latent_names(tensors))}  # fmt: skip
+            _atomic_save(tensors, os.path.join(cache_dir, shard_name(shard)), metadata)
             parts = []
             shard, span = next(shards, (None, None))
 
@@ -410,16 +407,24 @@ def encode_to_cache(
     return cache_dir
 
 
+def _latent_names(tensors: dict) -> tuple[str, ...]:
+    """The moments' tensor names of a shard's `tensors`, in the order they stack (`mean`, `logvar` or `latents`)."""
+    return tuple(k for k in tensors if k not in ("index", "labels", *FEATURE_TENSORS) and not k.startswith("flip_"))
+
+
 def _write_cache_info(cache_dir: str, fingerprint: dict, num_samples: int, storage_name: str, vae) -> None:
+    summary = _summarize_shards(cache_dir, num_samples)
+    # Every shard of one build holds the same tensors (the build fixes the autoencoder).
+    names = shard_metadata(os.path.join(cache_dir, summary["shards"][0])).get("latent_tensors")
     info = {
         "format_version": CACHE_FORMAT_VERSION,
         "fingerprint": _json_safe(fingerprint),
         "num_samples": num_samples,
-        **_summarize_shards(cache_dir, num_samples),
+        **summary,
         "dtype": storage_name,
         "vae_dtype": str(vae.dtype).removeprefix("torch."),
-        "scaling_factor": float(vae.config.scaling_factor),
-        "shift_factor": float(vae.config.shift_factor or 0.0),
+        "latent_tensors": names.split(",") if names else list(GAUSSIAN_MOMENTS),
+        **dict(zip(("shift_factor", "scaling_factor"), vae_latent_scale(vae))),
     }
     path = os.path.join(cache_dir, CACHE_INFO_NAME)
     with open(path + ".tmp", "w") as f:
@@ -428,14 +433,16 @@ def _write_cache_info(cache_dir: str, fingerprint: dict, num_samples: int, stora
 
 
 class CachedLatentDataset(Dataset):
-    """The posterior moments of a complete latent cache, read from memory-mapped shards, in the data set's order.
+    """The moments of a complete latent cache, read from memory-mapped shards, in the data set's order.
 
-    Item `i` is `{"moments": (2, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
-    and `logvar` of its posterior or, with `random_flip`, of its horizontal flip's with probability 0.5 (a function of
-    (seed, epoch, index): [`~dit_hf.training.flip_flags`]). "class_labels" is left out for unconditional data.
+    Item `i` is `{"moments": (K, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
+    and `logvar` of its posterior (K = 2; the latents of a deterministic encoder, K = 1) or, with `random_flip`, of
+    its horizontal flip's with probability 0.5 (a function of (seed, epoch, index): [`~dit_hf.training.flip_flags`]).
+    "class_labels" is left out for unconditional data.
     Opening a cache reads the shards' headers and `index` tensors only; each item is copied out of the mapped files
     when asked for, so private memory stays flat however large the cache, and the processes of one machine share the
-    file pages. Sample the latents on the device with `sample_latents`.
+    file pages. Sample the latents on the device with `sample_latents` (`autoencoders.latents_from_moments` for
+    either kind).
 
     Args:
         cache_dir (`str`): A directory written by `encode_to_cache`.
@@ -468,7 +475,7 @@ class CachedLatentDataset(Dataset):
         except ValueError as err:
             raise ValueError(f"The latent cache is incomplete or corrupt: {err}. {rebuild}") from err
         # The tensors stacked into "moments", in order (caches list them in their info; older ones hold a posterior).
-        self.latent_tensors = tuple(self.info.get("latent_tensors", SHARD_TENSORS[1:3]))
+        self.latent_tensors = tuple(self.info.get("latent_tensors", GAUSSIAN_MOMENTS))
         self._check_shapes(rebuild)
 
     def _check_shapes(self, rebuild: str) -> None:

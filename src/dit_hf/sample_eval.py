@@ -27,9 +27,20 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
+from .autoencoders import image_channels, spatial_factor
 from .ema import export_folder_name
 from .pipeline_dit import DiTPipeline, check_guidance_interval, check_guidance_scale
 from .precision import precision_dtypes
+
+# The pipeline's config entries besides its components: an in-memory pipeline is copied with all of them.
+PIPELINE_SETTINGS = (
+    "id2label",
+    "objective",
+    "default_num_inference_steps",
+    "default_guidance_scale",
+    "latents_mean",
+    "latents_std",
+)
 
 DEFAULT_WEIGHTS = "transformer"
 EMA_PREFIX = export_folder_name("")  # transformer_ema_<rate>
@@ -143,10 +154,10 @@ def fingerprint(*modules: torch.nn.Module | None) -> str:
 
 
 def image_size(pipe: DiTPipeline) -> tuple[int, int]:
-    """(height, width) of the decoded images; an AutoencoderKL halves the size once per extra block."""
+    """(height, width) of the decoded images: the latent size times the autoencoder's spatial factor."""
     size = pipe.transformer.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
+    factor = spatial_factor(pipe.vae) if pipe.vae is not None else 1
     return height * factor, width * factor
 
 
@@ -316,7 +327,12 @@ def sample_for_eval(
             raise ValueError("`weights` chooses a subfolder of a saved pipeline: pass its path, not a pipeline.")
         source = f"<in-memory {type(pipeline).__name__}>"
         # A new pipeline object, so swapping the scheduler leaves the caller's pipeline alone.
-        pipe = DiTPipeline(pipeline.transformer, pipeline.scheduler, pipeline.vae, pipeline.config.id2label)
+        pipe = DiTPipeline(
+            pipeline.transformer,
+            pipeline.scheduler,
+            pipeline.vae,
+            **{key: pipeline.config[key] for key in PIPELINE_SETTINGS if key in pipeline.config},
+        )
         if any(m is not None and m.dtype != dtype for m in (pipe.transformer, pipe.vae)):
             pipe.to(dtype=dtype)
     else:
@@ -332,7 +348,7 @@ def sample_for_eval(
         raise ValueError("This model is unconditional: guidance needs a class-conditional model; drop the guidance.")
     labels = (labels or "uniform") if conditional else None
     class_labels = assign_labels(num_samples, pipe.num_classes, labels, seed)
-    channels = pipe.vae.config.out_channels if pipe.vae is not None else pipe.transformer.config.in_channels
+    channels = image_channels(pipe.vae) if pipe.vae is not None else pipe.transformer.config.in_channels
     if channels not in (1, 3):
         raise ValueError(f"The ADM evaluator takes RGB images, but this pipeline makes {channels}-channel images.")
     height, width = image_size(pipe)

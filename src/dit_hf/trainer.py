@@ -12,8 +12,8 @@ What plugs in, without an edit of the loop:
 - Periodic work is a [`Hook`] (`dit_hf.hooks`): `on_train_start`, `allow_update` (asked on every process before an
   optimizer step; all must agree, e.g. the non-finite guard `dit_hf.hooks.GuardHook`), `on_step_end` (after each
   optimizer step: logging, checkpoints, grids, FID, the guard's stop on a signal), `on_train_end`.
-- How x0 is made from a batch is a [`LatentSpace`] (None in pixel space): a VAE's, the latent cache's, or an
-  autoencoder adapter's `encode` to posterior moments.
+- How x0 is made from a batch is a [`LatentSpace`] (None in pixel space): the moments of any diffusers autoencoder
+  (`dit_hf.autoencoders`: encoded at each step, or read from the latent cache) and the --latent_norm that scales them.
 
 Exact resume (see `dit_hf.training`) is kept here: the sampler restarts at `TrainerState.samples_in_epoch` of
 `TrainerState.epoch`, and every random draw of a step comes from [`StepRandomness`] keyed by the optimizer step and
@@ -31,11 +31,11 @@ import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from .autoencoders import encode_moments, latents_from_moments
 from .distributed import full_tensor, gather_full_model
 from .ema import load_ema, save_ema
 from .fp8 import strip_fp8
 from .guards import tensors_finite
-from .latents import sample_latents
 from .objective import loss_by_timestep_quartile
 from .training import (
     TrainerState,
@@ -58,31 +58,28 @@ CHECKPOINT_CONFIG = "training_config.json"
 
 @dataclass(frozen=True)
 class LatentSpace:
-    """Where a model trains when not on pixels: `encode(pixels)` gives posterior moments (N, 2, C, h, w) (mean and
-    log-variance), of which x0 is a scaled sample. Cached batches carry their moments already."""
+    """Where a model trains when not on pixels: `encode(pixels)` gives moments (N, K, C, h, w), a Gaussian
+    posterior's `[mean, logvar]` (K = 2) or a deterministic encoder's latents (K = 1) (`dit_hf.autoencoders`), and
+    `norm` (a `LatentNorm`, --latent_norm) brings the latents to the DiT's scale. Cached batches carry their moments
+    already."""
 
-    scaling_factor: float
-    shift_factor: float = 0.0
+    norm: Callable[[torch.Tensor], torch.Tensor]
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
-    def of_vae(cls, vae) -> "LatentSpace":
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
-            return torch.stack([posterior.mean, posterior.logvar], dim=1)
-
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return cls(vae.config.scaling_factor, shift, encode)
+    def of_vae(cls, vae, norm: Callable[[torch.Tensor], torch.Tensor]) -> "LatentSpace":
+        return cls(norm, functools.partial(encode_moments, vae))
 
 
 def make_x0(batch: dict, latents: LatentSpace | None, posterior_noise: torch.Tensor | None) -> torch.Tensor:
-    """The clean sample x0 of a batch: its pixels, or a latent drawn from its (cached or freshly encoded) posterior
-    with the step's `posterior_noise` (so the draw is part of the step's reproducible randomness)."""
+    """The clean sample x0 of a batch: its pixels, or its (cached or freshly encoded) latents at the DiT's scale, a
+    Gaussian posterior drawn from with the step's `posterior_noise` (so the draw is part of the step's reproducible
+    randomness)."""
     if latents is None:
         return batch["pixel_values"]
     with torch.no_grad():
         moments = batch["moments"] if "moments" in batch else latents.encode(batch["pixel_values"])
-        return sample_latents(moments, latents.scaling_factor, latents.shift_factor, noise=posterior_noise)
+        return latents.norm(latents_from_moments(moments, noise=posterior_noise))
 
 
 def batch_size_of(batch: dict) -> int:
