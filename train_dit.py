@@ -50,12 +50,12 @@ from dit_hf.data import (
     check_labels,
     check_resolution,
     class_names,
-    drop_unreadable_images,
     infer_num_classes,
     load_image_dataset,
     resolve_columns,
     select_subset,
 )
+from dit_hf.distributed import enable_fsdp_on_cpu, unsharded_copy
 from dit_hf.ema import EMAModels, export_folder_name, parse_ema_decays
 from dit_hf.fp8 import check_fp8_available, count_fp8_linears, fp8_recipe
 from dit_hf.guards import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteStop, Preempted, trim_metrics
@@ -72,8 +72,15 @@ from dit_hf.hooks import (
     setup_trackers,
 )
 from dit_hf.hub import refuse_token_arguments
+from dit_hf.image_checks import default_store_dir, drop_unreadable_images_once
 from dit_hf.init_from import init_model_from_config
-from dit_hf.latents import BatchedCachedLatents, cache_fingerprint, check_cache, encode_to_cache
+from dit_hf.latents import (
+    BatchedCachedLatents,
+    cache_covers_dataset,
+    cache_fingerprint,
+    check_cache,
+    encode_to_cache,
+)
 from dit_hf.modeling_dit import BLOCK_OPTION_KEYS, DIT_PRESETS, RECIPE_PRESETS
 from dit_hf.objective import make_objective, shift_for_dimension
 from dit_hf.ownership import own_output_dir
@@ -151,6 +158,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # accelerate converts the model in `prepare`: FP8 only in the blocks' token-wise layers (dit_hf.fp8).
         kwargs_handlers=[fp8_recipe()] if fp8 else None,
     )
+    enable_fsdp_on_cpu(accelerator)  # accelerate runs an FSDP config on CPU processes as plain DDP otherwise
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if fp8:
         check_fp8_available(accelerator.device)
@@ -177,6 +185,9 @@ class Data:
     label_column: str | None
     num_classes: int
     names: list[str] | None
+    # The data set before unreadable images are dropped: the latent cache's key, known before any image is decoded.
+    source_fingerprint: str = ""
+    source_len: int = 0
 
     @property
     def id2label(self) -> dict | None:
@@ -190,18 +201,21 @@ def load_data(config: TrainConfig, accelerator) -> Data:
         )
         image_column, label_column = resolve_columns(ds, config.image_column, config.label_column)
         ds = select_subset(ds, config.max_train_samples, seed=config.seed)
-        if config.has_data:
-            # Decodes every image once, in parallel; only the subset that will be trained on.
-            num_proc = max(1, min(os.cpu_count() or 1, 16)) if len(ds) > 10_000 else None
-            ds, bad = drop_unreadable_images(ds, image_column, config.max_bad_image_fraction, num_proc=num_proc)
-            if bad:
-                logger.warning("Skipped %d unreadable images, e.g. %s", len(bad), [p for _, p in bad[:5]])
+    source_fingerprint, source_len = getattr(ds, "_fingerprint", ""), len(ds)
+    if config.has_data and not cache_covers_dataset(config.cache_latents, source_fingerprint, source_len):
+        # Decodes every image once per data set, on the main process (in parallel); the answer is stored.
+        num_proc = max(1, min(os.cpu_count() or 1, 16)) if len(ds) > 10_000 else None
+        ds, bad = drop_unreadable_images_once(
+            accelerator, ds, image_column, config.max_bad_image_fraction, default_store_dir(config.cache_dir), num_proc
+        )
+        if bad:
+            logger.warning("Skipped %d unreadable images, e.g. %s", len(bad), [p for _, p in bad[:5]])
     num_classes = config.num_classes if config.num_classes is not None else (infer_num_classes(ds, label_column) or 0)
     if label_column is None:
         num_classes = 0
     check_labels(ds, label_column, num_classes)
     names = class_names(ds, label_column) if num_classes else None
-    return Data(ds, image_column, label_column, num_classes, names)
+    return Data(ds, image_column, label_column, num_classes, names, source_fingerprint, source_len)
 
 
 def check_budget(config, accelerator, flops_per_sample: float, global_batch: int, num_samples: int) -> None:
@@ -286,8 +300,8 @@ def latent_data(config: TrainConfig, accelerator, data: Data, images, vae, chann
         features_fn = functools.partial(cache_encoder_features, encoder)
         features_id = f"{config.repa_encoder} at {encoder.input_size}"
     fingerprint = cache_fingerprint(
-        config.vae, dict(vae.config), getattr(data.ds, "_fingerprint", ""), config.resolution, config.center_crop,
-        len(data.ds), features=features_id,
+        config.vae, dict(vae.config), data.source_fingerprint, config.resolution, config.center_crop,
+        data.source_len, features=features_id,
     )  # fmt: skip
     if not check_cache(config.cache_latents, fingerprint):
         vae.to(accelerator.device)
@@ -469,6 +483,7 @@ def train(config: TrainConfig) -> dict:
     )
     if config.compile:
         model.compile_repeated_blocks(fullgraph=True)
+    full_model = unsharded_copy(accelerator, model)  # under FSDP: a whole model to checkpoint and export from
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     ema.to(accelerator.device)
     if vae is not None:
@@ -486,7 +501,7 @@ def train(config: TrainConfig) -> dict:
     trainer = Trainer(
         config, accelerator, model, objective, optimizer, lr_scheduler, dataloader, sampler, randomness, ema,
         max_train_steps, num_epochs, data.num_classes, latents=latents, aux_losses=aux_losses,
-        hooks=list(hooks.values()), record=run_record(config, accelerator, max_train_steps),
+        hooks=list(hooks.values()), record=run_record(config, accelerator, max_train_steps), full_model=full_model,
     )  # fmt: skip
     trainer.resume()
     if config.resume_from_checkpoint and accelerator.is_main_process:  # rows logged after that checkpoint come again

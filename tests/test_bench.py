@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -312,3 +313,26 @@ def test_bench_memory_predicts_both_models_and_checkpointing_saves_activations(t
         # Only each block's input stays; the rest is recomputed in the backward.
         assert r["activations_mib_per_image"] < rows[r["impl"]]["activations_mib_per_image"] / 4, r["impl"]
         assert r["max_batch"] > rows[r["impl"]]["max_batch"]
+
+
+def test_bench_scale_reads_memory_and_fits_growth(tmp_path):
+    import bench_scale
+
+    # Exact lines come back exactly; a flat measure has ratio 1 and no growth.
+    fitted = bench_scale.fit([10_000, 100_000, 1_000_000], [2.0 + 3e-6 * n for n in (10_000, 100_000, 1_000_000)])
+    assert fitted["a"] == pytest.approx(2.0) and fitted["per_million"] == pytest.approx(3.0)
+    assert fitted["imagenet"] == pytest.approx(2.0 + 3e-6 * bench_scale.IMAGENET_IMAGES)
+    assert bench_scale.fit([1, 2, 3], [5.0, 5.0, 5.0])["ratio"] == pytest.approx(1.0)
+    # This process's memory from /proc: a private heap that grows when we allocate and touch 64 MiB.
+    before = bench_scale.memory(os.getpid())
+    block = torch.ones(16 * 2**20)  # 64 MiB, written
+    after = bench_scale.memory(os.getpid())
+    assert 0 < before["uss_mib"] <= before["rss_mib"] and before["pss_mib"] > 0
+    assert after["anon_mib"] - before["anon_mib"] > 48
+    del block
+    # The data set the launches read is a parquet image data set with labels i % 1000.
+    bench_scale.write_dataset(str(tmp_path / "data"), 1500, chunk=1000)
+    from dit_hf.data import load_image_dataset
+
+    ds = load_image_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 1500 and ds[1234]["label"] == 234 and ds[3]["image"].size == (8, 8)

@@ -3,6 +3,7 @@ dataset and posterior sampling reproduce `vae.encode(x).latent_dist`."""
 
 import json
 import os
+import pickle
 import shutil
 import threading
 
@@ -11,7 +12,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from dit_hf.latents import (
@@ -23,7 +25,7 @@ from dit_hf.latents import (
     process_indices,
     sample_latents,
 )
-from dit_hf.training import SampleIndex
+from dit_hf.training import SampleIndex, flip_flags
 
 NUM_IMAGES = 10
 LATENT_SHAPE = [4, 8, 8]  # two down blocks: one stride-2 downsample, so 16 px -> 8
@@ -83,10 +85,7 @@ def encode(vae, dataset, cache_dir, accelerator=None, **kwargs) -> str:
         vae,
         dataset,
         str(cache_dir),
-        batch_size=3,
-        fingerprint=fingerprint_for(vae, dataset),
-        samples_per_shard=4,
-        **kwargs,
+        **{"batch_size": 3, "fingerprint": fingerprint_for(vae, dataset), "samples_per_shard": 4, **kwargs},
     )
 
 
@@ -127,7 +126,7 @@ def read_shards(cache_dir) -> dict[str, torch.Tensor]:
 def test_cache_matches_direct_encoding(cache, direct, dataset):
     with open(os.path.join(cache, "cache_info.json")) as f:
         info = json.load(f)
-    assert info["shards"] == ["shard-00000-00000.safetensors", "shard-00000-00001.safetensors"]  # 6 + 4 samples
+    assert info["shards"] == ["shard-000000.safetensors", "shard-000001.safetensors", "shard-000002.safetensors"]
     assert all(os.path.isfile(os.path.join(cache, name)) for name in info["shards"])
     assert info["num_samples"] == NUM_IMAGES and info["latent_shape"] == LATENT_SHAPE and info["dtype"] == "float32"
     assert info["scaling_factor"] == pytest.approx(0.18215) and info["shift_factor"] == 0.0
@@ -162,17 +161,21 @@ def test_check_cache(cache, vae, dataset, tmp_path):
 def test_rerun_rebuilds_an_interrupted_cache(cache, vae, dataset, direct, tmp_path):
     interrupted = shutil.copytree(cache, tmp_path / "interrupted")
     os.remove(interrupted / "cache_info.json")
-    # Leftovers of a run with more processes, and a half-written shard: a rebuild must not pick these up.
-    shutil.copy(interrupted / "shard-00000-00000.safetensors", interrupted / "shard-00003-00000.safetensors")
-    (interrupted / "shard-00001-00002.safetensors.tmp").write_bytes(b"partial")
+    # Leftovers of the older per-process layout, and a half-written shard: a rebuild must not pick these up.
+    shutil.copy(interrupted / "shard-000000.safetensors", interrupted / "shard-00003-00000.safetensors")
+    (interrupted / "shard-000001.safetensors.tmp").write_bytes(b"partial")
+    # A shard of other settings (here: another shard size) is encoded again, not reused.
+    other = encode(vae, dataset, tmp_path / "other", samples_per_shard=5)
+    shutil.copy(os.path.join(other, "shard-000001.safetensors"), interrupted / "shard-000001.safetensors")
 
     fingerprint = fingerprint_for(vae, dataset)
     assert not check_cache(str(interrupted), fingerprint)
     encode(vae, dataset, interrupted)
     assert sorted(os.listdir(interrupted)) == [
         "cache_info.json",
-        "shard-00000-00000.safetensors",
-        "shard-00000-00001.safetensors",
+        "shard-000000.safetensors",
+        "shard-000001.safetensors",
+        "shard-000002.safetensors",
     ]
     assert check_cache(str(interrupted), fingerprint)
     torch.testing.assert_close(read_shards(interrupted)["mean"], direct["mean"], atol=1e-5, rtol=0)
@@ -223,13 +226,9 @@ def test_encode_with_three_processes(vae, dataset, direct, tmp_path):
 
     with open(tmp_path / "cache_info.json") as f:
         shards = json.load(f)["shards"]
-    # Shares of 4, 3 and 3 samples (process 0 in batches of 3 + 1), each under samples_per_shard=4: one shard apiece.
-    assert shards == [
-        "shard-00000-00000.safetensors",
-        "shard-00001-00000.safetensors",
-        "shard-00002-00000.safetensors",
-    ]
-    assert load_file(tmp_path / "shard-00001-00000.safetensors")["index"].tolist() == [4, 5, 6]
+    # Shards of samples_per_shard=4 items whatever the number of processes: one apiece.
+    assert shards == ["shard-000000.safetensors", "shard-000001.safetensors", "shard-000002.safetensors"]
+    assert load_file(tmp_path / "shard-000001.safetensors")["index"].tolist() == [4, 5, 6, 7]
     stored = read_shards(tmp_path)
     assert torch.equal(stored["index"], torch.arange(NUM_IMAGES))
     torch.testing.assert_close(stored["flip_logvar"], direct["flip_logvar"], atol=1e-5, rtol=0)
@@ -316,20 +315,20 @@ def test_sample_latents(direct):
 
 def test_cached_dataset_rejects_incomplete_cache(cache, tmp_path):
     missing = shutil.copytree(cache, tmp_path / "missing")
-    os.remove(missing / "shard-00000-00001.safetensors")
-    with pytest.raises(ValueError, match="incomplete: shard shard-00000-00001.safetensors is missing.*Delete"):
+    os.remove(missing / "shard-000001.safetensors")
+    with pytest.raises(ValueError, match="incomplete: shard shard-000001.safetensors is missing.*Delete"):
         CachedLatentDataset(str(missing))
 
-    # A shard replaced by another's copy: indices 0-5 twice and 6-9 never.
+    # A shard replaced by another's copy: indices 0-3 twice and 4-7 never.
     duplicated = shutil.copytree(cache, tmp_path / "duplicated")
-    shutil.copy(duplicated / "shard-00000-00000.safetensors", duplicated / "shard-00000-00001.safetensors")
-    with pytest.raises(ValueError, match="4 of 10 samples are missing and 6 repeated"):
+    shutil.copy(duplicated / "shard-000000.safetensors", duplicated / "shard-000001.safetensors")
+    with pytest.raises(ValueError, match="4 of 10 samples are missing and 4 repeated"):
         CachedLatentDataset(str(duplicated))
 
     truncated = shutil.copytree(cache, tmp_path / "truncated")
-    shard = truncated / "shard-00000-00001.safetensors"
+    shard = truncated / "shard-000001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # a copy cut short
-    with pytest.raises(ValueError, match="corrupt: shard shard-00000-00001.safetensors is unreadable"):
+    with pytest.raises(ValueError, match="corrupt: shard shard-000001.safetensors is unreadable"):
         CachedLatentDataset(str(truncated))
 
     with pytest.raises(ValueError, match="no complete latent cache"):
@@ -349,9 +348,10 @@ def test_unconditional_and_float16_caches(vae, direct, tmp_path):
 def test_encode_rejects_bad_arguments(vae, dataset, tmp_path):
     with pytest.raises(ValueError, match="storage_dtype=torch.bfloat16"):
         encode(vae, dataset, tmp_path, storage_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="fingerprint is for 10 samples but the data set has 4"):
+    # Fewer samples than the fingerprint's are fine (unreadable images dropped); more are not.
+    with pytest.raises(ValueError, match="fingerprint is for 4 samples but the data set has 10"):
         encode_to_cache(
-            Accelerator(cpu=True), vae, ImageDataset(4), str(tmp_path), fingerprint=fingerprint_for(vae, dataset)
+            Accelerator(cpu=True), vae, dataset, str(tmp_path), fingerprint=fingerprint_for(vae, ImageDataset(4))
         )
 
 
@@ -365,11 +365,152 @@ def test_features_are_cached_with_each_image_and_its_flip(vae, dataset, tmp_path
     data = CachedLatentDataset(cache_dir)
     expected = row_means(dataset.pixel_values)
     flipped = row_means(torch.flip(dataset.pixel_values, dims=[-1]))
-    assert torch.equal(data.features[:, 0], expected) and torch.equal(data.features[:, 1], flipped)
+    everything = list(range(NUM_IMAGES))
+    assert torch.equal(data.gather(everything, torch.zeros(NUM_IMAGES, dtype=torch.long))["repa_features"], expected)
+    assert torch.equal(data.gather(everything, torch.ones(NUM_IMAGES, dtype=torch.long))["repa_features"], flipped)
     assert not torch.equal(expected, flipped)
     assert torch.equal(data[3]["repa_features"], expected[3])
     # Without features_fn there are none, and the fingerprint records which features a cache holds.
-    assert CachedLatentDataset(encode(vae, dataset, tmp_path / "plain")).features is None
+    assert "repa_features" not in CachedLatentDataset(encode(vae, dataset, tmp_path / "plain"))[0]
     assert "features" not in fingerprint_for(vae, dataset)
     with_features = cache_fingerprint("tiny-vae", vae.config, "x", 16, True, len(dataset), features="enc at 16")
     assert with_features["features"] == "enc at 16"
+
+
+def test_mapped_batches_equal_the_in_memory_layout(cache):
+    """Batches read from the mapped shards are bit for bit those of the former in-RAM tensor `(N, 2, 2, C, h, w)`."""
+    stored = read_shards(cache)
+    in_memory = torch.stack(
+        [
+            torch.stack([stored["mean"], stored["logvar"]], dim=1),
+            torch.stack([stored["flip_mean"], stored["flip_logvar"]], dim=1),
+        ],
+        dim=1,
+    )
+    ds = BatchedCachedLatents(cache, random_flip=True)
+    order = [9, 0, 4, 3, 8, 1, 5, 7]  # across all three shards, out of order
+    batch = ds.__getitems__(order)
+    flip = flip_flags(0, order).long()  # the flips of seed 0, epoch 0
+    assert 0 < int(flip.sum()) < len(order)
+    index = torch.tensor(order)
+    assert torch.equal(batch["moments"], in_memory[index, flip])
+    assert torch.equal(batch["class_labels"], stored["labels"][index])
+    assert batch["moments"].is_contiguous() and batch["moments"].dtype == torch.float32
+    # The whole-cache view reads the same layout a slice at a time.
+    assert ds.moments.shape == in_memory.shape
+    assert torch.equal(ds.moments[2:9], in_memory[2:9]) and torch.equal(ds.moments[-1], in_memory[-1])
+
+
+def test_cached_dataset_holds_no_data_in_memory(vae, tmp_path):
+    """The dataset pickles (into DataLoader workers) as paths and headers, whatever the size of the cache."""
+    sizes = []
+    for n in (10, 40):
+        cache_dir = encode(vae, ImageDataset(n), tmp_path / str(n), samples_per_shard=40)
+        ds = BatchedCachedLatents(cache_dir)
+        ds[0]  # maps the shard
+        sizes.append(len(pickle.dumps(ds)))
+        copy = pickle.loads(pickle.dumps(ds))
+        assert torch.equal(copy.__getitems__([3, 7])["moments"], ds.__getitems__([3, 7])["moments"])
+    one_latent = 2 * 2 * 4 * 8 * 8 * 4  # bytes of one item's moments and their flip's
+    assert sizes[1] - sizes[0] < one_latent  # 30 more items add (almost) nothing
+
+
+class CountingVAE:
+    """Delegates to a VAE, counting `encode` calls; raises on call `fail_at` (a crash in the middle of a build)."""
+
+    def __init__(self, vae, fail_at: int | None = None):
+        self.vae, self.fail_at, self.calls = vae, fail_at, 0
+        self.device, self.dtype, self.config = vae.device, vae.dtype, vae.config
+
+    def encode(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        return self.vae.encode(x)
+
+
+def run_threads(num_processes: int, fn):
+    barrier = threading.Barrier(num_processes, timeout=60)
+    errors = []
+
+    def run(process_index):
+        try:
+            fn(ThreadAccelerator(process_index, barrier))
+        except BaseException as err:  # surfaced below: an exception in a thread would otherwise be lost
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(num_processes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_interrupted_build_resumes_with_another_process_count(vae, tmp_path):
+    dataset = ImageDataset(22)  # 6 shards of 4 (the last of 2): 2 batches each at batch_size 3, the last 1
+    reference = encode(vae, dataset, tmp_path / "reference")
+
+    # One process, killed in its 7th VAE call: shards 0-2 are finished, shard 3 was half encoded.
+    crashing = CountingVAE(vae, fail_at=7)
+    with pytest.raises(KeyboardInterrupt):
+        encode(crashing, dataset, tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path / "cache")) == [f"shard-00000{k}.safetensors" for k in range(3)]
+    assert not check_cache(str(tmp_path / "cache"), fingerprint_for(vae, dataset))
+
+    # Relaunched on 2 processes: only shards 3, 4 and 5 are encoded (2 + 2 + 1 batches), split between them.
+    counters = [CountingVAE(vae), CountingVAE(vae)]
+    errors = run_threads(2, lambda acc: encode(counters[acc.process_index], dataset, tmp_path / "cache", acc))
+    assert not errors, errors
+    assert sum(c.calls for c in counters) == 5 and min(c.calls for c in counters) > 0
+    assert check_cache(str(tmp_path / "cache"), fingerprint_for(vae, dataset))
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(os.listdir(reference))
+    for name in sorted(os.listdir(reference)):
+        if name.endswith(".safetensors"):
+            resumed, uninterrupted = load_file(tmp_path / "cache" / name), load_file(os.path.join(reference, name))
+            assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted), name
+    first = BatchedCachedLatents(str(tmp_path / "cache")).__getitems__(list(range(22)))["moments"]
+    assert torch.equal(first, BatchedCachedLatents(reference).__getitems__(list(range(22)))["moments"])
+
+    # A complete cache with other settings is not resumed from: every shard is encoded again.
+    counting = CountingVAE(vae)
+    encode(counting, dataset, tmp_path / "cache", storage_dtype=torch.float16)
+    assert counting.calls == 11  # 5 shards of 2 batches and one of 1
+
+
+def test_cache_of_deterministic_latents_reads_the_tensors_its_info_lists(cache, tmp_path):
+    """A cache whose info lists "latent_tensors" ["latents"] (deterministic encoders) gives moments (B, 1, C, h, w)."""
+    copy = tmp_path / "latents"
+    shutil.copytree(cache, copy)
+    for name in (n for n in os.listdir(copy) if n.endswith(".safetensors")):
+        with safe_open(str(copy / name), framework="pt") as f:
+            shard, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+        for prefix in ("", "flip_"):
+            shard[prefix + "latents"] = shard.pop(prefix + "mean")
+            del shard[prefix + "logvar"]
+        save_file(shard, str(copy / name), metadata=metadata)
+    info = json.loads((copy / "cache_info.json").read_text())
+    (copy / "cache_info.json").write_text(json.dumps({**info, "latent_tensors": ["latents"]}))
+    stored = read_shards(cache)
+    ds = BatchedCachedLatents(str(copy), random_flip=False)
+    assert torch.equal(ds.__getitems__([4, 0])["moments"], stored["mean"][[4, 0]].unsqueeze(1))
+    assert ds.moments.shape == (len(ds), 2, 1, *LATENT_SHAPE)
+    assert torch.equal(ds.moments[3][1, 0], stored["flip_mean"][3])
+
+
+def test_channel_statistics_of_a_cache_read_through_the_maps(cache, tmp_path):
+    """--latent_norm channel's statistics over the mapped cache equal those of the same moments held in memory."""
+    from dit_hf.autoencoders import cached_channel_statistics, channel_statistics
+
+    stored = read_shards(cache)
+    in_memory = torch.stack(
+        [torch.stack([stored[p + "mean"], stored[p + "logvar"]], dim=1) for p in ("", "flip_")], dim=1
+    )
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)  # the statistics are stored beside the cache
+    stats = cached_channel_statistics(str(copy), BatchedCachedLatents(str(copy)), is_main_process=True)
+    expected = channel_statistics(in_memory)
+    assert stats["mean"] == pytest.approx(expected["mean"], abs=1e-9)
+    assert stats["std"] == pytest.approx(expected["std"], abs=1e-9)
+    assert any(abs(m) > 1e-3 for m in stats["mean"])

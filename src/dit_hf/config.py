@@ -528,7 +528,7 @@ def check_output_dir(output_dir: str):
     """Fail before any work if the outputs could not be written."""
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, ".write-test")
+        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")  # one per process: they check at once
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -418,16 +418,21 @@ def find_unreadable_images(
 
 
 def drop_unreadable_images(
-    ds: datasets.Dataset, image_column: str, max_bad_fraction: float = 0.01, num_proc: int | None = None
+    ds: datasets.Dataset,
+    image_column: str,
+    max_bad_fraction: float = 0.01,
+    num_proc: int | None = None,
+    unreadable: list[tuple[int, str]] | None = None,
 ) -> tuple[datasets.Dataset, list[tuple[int, str]]]:
     """Remove the rows whose image PIL cannot decode; returns `(clean dataset, [(row index, path), ...])`.
 
     Raises ValueError when more than `max_bad_fraction` of the rows are unreadable: that many broken files usually
-    means a wrong path or format rather than a few bad downloads.
+    means a wrong path or format rather than a few bad downloads. `unreadable`, a result of `find_unreadable_images`
+    from an earlier scan of the same rows, skips the scan (see `dit_hf.image_checks`).
     """
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"--max_bad_image_fraction must lie in [0, 1], got {max_bad_fraction}.")
-    bad = find_unreadable_images(ds, image_column, num_proc=num_proc)
+    bad = unreadable if unreadable is not None else find_unreadable_images(ds, image_column, num_proc=num_proc)
     if not bad:
         return ds, bad
     fraction = len(bad) / len(ds)

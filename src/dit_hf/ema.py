@@ -34,6 +34,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .distributed import full_tensor
+
 EMA_STATE = "ema_state.json"
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SAFE_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -138,7 +140,9 @@ class EMAModels:
         params = self._check_model(model)
         if params:
             # One float32 copy shared by all rates; `.to` returns the tensor itself when it is already float32 there.
-            params = [p.detach().to(device=a.device, dtype=torch.float32) for p, a in zip(params, self._averages[0])]
+            # FSDP shards parameters (DTensors): average the full tensors, so the EMA holds whole weights.
+            params = [full_tensor(p.detach()) for p in params]
+            params = [p.to(device=a.device, dtype=torch.float32) for p, a in zip(params, self._averages[0])]
             for decay, average in zip(self._decays, self._averages):
                 # lerp(ema, param, 1 - decay) = ema + (1 - decay) * (param - ema): fused, one kernel launch per rate.
                 torch._foreach_lerp_(average, params, 1.0 - self.decay_at(decay, self._num_updates))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from .distributed import local_tensor
 from .training import list_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ def tensors_finite(accelerator, *tensor_groups) -> bool:
     bad = torch.zeros((), dtype=torch.float32, device=accelerator.device)
     for group in tensor_groups:
         for t in group:
-            bad += (~torch.isfinite(t.detach())).any().float().to(bad.device)
+            # FSDP: each process checks its own shard (the sum over processes below covers the whole tensor).
+            bad += (~torch.isfinite(local_tensor(t.detach()))).any().float().to(bad.device)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
     return bad.item() == 0

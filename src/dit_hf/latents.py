@@ -16,21 +16,30 @@ The trainer uses it like this (every process runs every line; `encode_to_cache` 
     ...
     latents = sample_latents(batch["moments"], train_dataset.scaling_factor, train_dataset.shift_factor)
 
-The dataset given to `encode_to_cache` must be built without random flipping: the flip is cached alongside.
+`ds` is the data set as loaded, before unreadable images are dropped, so that a complete cache is recognised
+without decoding any image (`cache_covers_dataset`). The dataset given to `encode_to_cache` must be built without
+random flipping: the flip is cached alongside.
 
 Layout of a cache directory:
 
-- `shard-{process:05d}-{k:05d}.safetensors`: the k-th shard written by one process, with tensors `index` (long, the
-  dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`; `latents` and
-  `flip_latents` instead for a deterministic encoder, as `cache_info.json` lists under "latent_tensors") and `labels`
-  (long, -1 when the data set is unconditional), and the metadata `has_labels`.
+- `shard-{k:06d}.safetensors`: data set items `k * samples_per_shard` up to the next shard's first, with tensors
+  `index` (long, the dataset indices), `mean`, `logvar`, `flip_mean`, `flip_logvar` (each `(n, C, h, w)`; `latents`
+  and `flip_latents` instead for a deterministic encoder, as `cache_info.json` lists under "latent_tensors") and
+  `labels` (long, -1 when the data set is unconditional), and the metadata `has_labels`, `latent_tensors` and `build`
+  (the fingerprint and storage settings it was written with). Which items a shard holds does not depend on the number
+  of processes.
 - `cache_info.json`: written last, by the main process, once every shard is on disk and checked. Its presence marks
   the cache complete. A directory without it is the remains of an interrupted run: `check_cache` answers False and
-  `encode_to_cache` deletes its shards before encoding again.
+  `encode_to_cache` keeps the finished shards written with the same `build` (a shard is renamed into place only once
+  fully written), deletes everything else, and encodes only the missing shards, with any number of processes.
+
+Reading: `CachedLatentDataset` maps the shard files (`dit_hf.shards.ShardedRows`) and copies out only the rows of each
+batch, so a process's private memory does not grow with the data set, and the processes of a machine share one copy
+of the cache in the page cache.
 
 Precision: moments are stored in float32 by default, so that sampling from the cache is identical to sampling from
 `vae.encode(x).latent_dist`. `storage_dtype=torch.float16` halves the size (at 256 px with the SD VAE, 64 KiB per
-image in float32, about 84 GB for ImageNet-1k's 1.28M images, all of which `CachedLatentDataset` holds in memory) at
+image in float32, about 84 GB for ImageNet-1k's 1.28M images, read through the page cache) at
 the cost of rounding each moment to a relative 2**-11 ≈ 4.9e-4; for a narrow posterior that error in `mean` can be
 a sizeable fraction of the standard deviation it is sampled with, so use float16 only when float32 does not fit.
 bfloat16 (a relative 2**-8) is refused.
@@ -42,13 +51,14 @@ import re
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .autoencoders import GAUSSIAN_MOMENTS, LOGVAR_RANGE, encode_moments, moment_names, vae_latent_scale
 from .collate import whole_batch_collate
+from .shards import ShardedRows, ShardError, shard_metadata
 from .training import flip_flags
 
 CACHE_FORMAT_VERSION = 1
@@ -58,7 +68,9 @@ SHARD_TENSORS = ("index", "mean", "logvar", "flip_mean", "flip_logvar", "labels"
 FEATURE_TENSORS = ("features", "flip_features")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Finished shards and the temporary files of interrupted writes (`<shard>.tmp`): a rebuild removes both.
-_SHARD_PATTERN = re.compile(r"^shard-\d{5}-\d{5}\.safetensors(\.tmp)?$")
+_SHARD_PATTERN = re.compile(r"^shard-(\d{5}-\d{5}|\d{6})\.safetensors(\.tmp)?$")
+# Shards named by their position in the data set (`shard_name`); the older per-process names are only ever deleted.
+_NEW_SHARD_PATTERN = re.compile(r"^shard-\d{6}\.safetensors$")
 
 
 def _json_safe(value):
@@ -81,10 +93,12 @@ def cache_fingerprint(
         vae_name_or_path (`str`): The Hub id or folder the VAE was loaded from.
         vae_config (`dict`): `vae.config`. Keys starting with "_" (`_name_or_path`, `_diffusers_version`,
             `_use_default_values`) are left out: they record where and how the config was read, not what it encodes.
-        dataset_fingerprint (`str`): Identifies the images and their order, e.g. `datasets.Dataset._fingerprint`.
+        dataset_fingerprint (`str`): Identifies the images and their order, e.g. `datasets.Dataset._fingerprint`, of
+            the data set before unreadable images are dropped (so that a complete cache is found without a scan).
         resolution (`int`): The side of the square images fed to the VAE.
         center_crop (`bool`): Whether the images were center-cropped (else randomly cropped) to `resolution`.
-        num_samples (`int`): The number of images in the data set.
+        num_samples (`int`): The number of images in the data set, before unreadable ones are dropped (the cache may
+            hold fewer).
         features (`str`, *optional*): Identifies the encoder whose features are cached too (e.g. the REPA encoder's
             id and input size); `None` for a cache of latents alone.
     """
@@ -154,6 +168,18 @@ def check_cache(cache_dir: str, fingerprint: dict) -> bool:
     return True
 
 
+def cache_covers_dataset(cache_dir: str | None, dataset_fingerprint: str, num_samples: int) -> bool:
+    """Whether `cache_dir` holds a complete cache made from this data set (`cache_fingerprint`'s `dataset` and
+    `num_samples`), whatever its other settings: training will then read latents only, and the images need no check.
+
+    A cache whose other settings differ is still refused later, by `check_cache`.
+    """
+    if not cache_dir or not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
+        return False
+    stored = _read_cache_info(cache_dir).get("fingerprint", {})
+    return stored.get("dataset") == str(dataset_fingerprint) and stored.get("num_samples") == int(num_samples)
+
+
 def process_indices(num_samples: int, process_index: int, num_processes: int) -> range:
     """The contiguous share of `range(num_samples)` that process `process_index` of `num_processes` encodes.
 
@@ -169,16 +195,46 @@ def process_indices(num_samples: int, process_index: int, num_processes: int) ->
     return range(start, start + base + (process_index < extra))
 
 
-def _remove_stale_files(cache_dir: str) -> None:
-    """Deletes the completion marker first, so that a half-rebuilt cache is never taken for a complete one."""
+def shard_name(k: int) -> str:
+    """The file of the k-th shard: items `k * samples_per_shard` up to the next shard's first."""
+    return f"shard-{k:06d}.safetensors"
+
+
+def _build_settings(fingerprint: dict, num_samples: int, samples_per_shard: int, storage_name: str, features: bool):
+    """What decides a shard's bytes besides its items; a finished shard is kept on relaunch only if this matches."""
+    return json.dumps(
+        {
+            "fingerprint": _json_safe(fingerprint),
+            "num_samples": num_samples,
+            "samples_per_shard": samples_per_shard,
+            "dtype": storage_name,
+            "features": features,
+        },
+        sort_keys=True,
+    )
+
+
+def _keep_finished_shards(cache_dir: str, build: str) -> None:
+    """Deletes everything of an earlier run except the finished shards written with `build`.
+
+    The completion marker goes first, so that a half-rebuilt cache is never taken for a complete one. Temporary files
+    (`<shard>.tmp`, an interrupted write), shards of other settings or another layout, and unreadable shards go too.
+    """
     for name in [CACHE_INFO_NAME, CACHE_INFO_NAME + ".tmp"] + sorted(os.listdir(cache_dir)):
         path = os.path.join(cache_dir, name)
-        if (name.startswith(CACHE_INFO_NAME) or _SHARD_PATTERN.match(name)) and os.path.isfile(path):
-            os.remove(path)
+        if not os.path.isfile(path) or not (name.startswith(CACHE_INFO_NAME) or _SHARD_PATTERN.match(name)):
+            continue
+        if _NEW_SHARD_PATTERN.match(name):
+            try:
+                if shard_metadata(path).get("build") == build:
+                    continue
+            except ShardError:
+                pass  # e.g. a file cut short by a full disk: encoded again
+        os.remove(path)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    # A crash mid-write leaves only `<path>.tmp`, which no reader looks at and the next rebuild removes.
+    # A crash mid-write leaves only `<path>.tmp`, which no reader looks at and the next run removes.
     save_file(tensors, path + ".tmp", metadata=metadata)
     os.replace(path + ".tmp", path)
 
@@ -220,6 +276,54 @@ def _summarize_shards(cache_dir: str, num_samples: int) -> dict:
     }
 
 
+def _check_encode_arguments(dataset, cache_dir, batch_size, fingerprint, samples_per_shard, storage_dtype) -> str:
+    """Raises ValueError for unusable arguments; returns the storage dtype's name."""
+    storage_name = str(storage_dtype).removeprefix("torch.")
+    if storage_name not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype={storage_dtype} is not supported; use torch.float32 or torch.float16.")
+    if batch_size < 1 or samples_per_shard < 1:
+        raise ValueError(f"batch_size={batch_size} and samples_per_shard={samples_per_shard} must be >= 1.")
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise ValueError("The data set to cache is empty; check --train_data_dir / --dataset_name.")
+    if num_samples > fingerprint.get("num_samples", num_samples):
+        raise ValueError(
+            f"The fingerprint is for {fingerprint['num_samples']} samples but the data set has {num_samples}; build "
+            "the fingerprint with cache_fingerprint(..., num_samples=len(dataset))."
+        )
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ValueError(f"--cache_latents {cache_dir!r} is a file; pass a directory.")
+    return storage_name
+
+
+def _shards_to_encode(accelerator, cache_dir: str, num_samples: int, samples_per_shard: int) -> list[int]:
+    """This process's share of the shards not yet on disk (after the main process removed the unusable ones)."""
+    finished = set(os.listdir(cache_dir))
+    num_shards = -(-num_samples // samples_per_shard)
+    missing = [k for k in range(num_shards) if shard_name(k) not in finished]
+    # Everyone has listed the directory before anyone adds to it, so all processes agree on `missing`.
+    accelerator.wait_for_everyone()
+    return [missing[i] for i in process_indices(len(missing), accelerator.process_index, accelerator.num_processes)]
+
+
+def _encode_batch(vae, batch: dict, start: int, storage_dtype: torch.dtype, features_fn) -> dict:
+    """One batch of images and their flips -> the tensors of its shard rows."""
+    pixel_values = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
+    n = pixel_values.shape[0]
+    # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
+    both = torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])
+    moments = encode_moments(vae, both).to("cpu", storage_dtype)  # (2n, K, C, h, w)
+    has_labels = "class_labels" in batch
+    labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
+    part = {"index": torch.arange(start, start + n), "labels": labels.cpu()}
+    for k, name in enumerate(moment_names(moments.shape[1])):
+        part[name], part["flip_" + name] = moments[:n, k].contiguous(), moments[n:, k].contiguous()
+    if features_fn is not None:
+        features = features_fn(both).to("cpu").contiguous()
+        part["features"], part["flip_features"] = features[:n], features[n:]
+    return part
+
+
 @torch.no_grad()
 def encode_to_cache(
     accelerator,
@@ -236,9 +340,11 @@ def encode_to_cache(
 ) -> str:
     """Encodes `dataset` and its horizontal flip with the frozen `vae` into a latent cache in `cache_dir`.
 
-    Every process of `accelerator` must call this: each encodes its share of the indices (`process_indices`) on its
-    device, then the main process checks the shards and writes `cache_info.json`, which marks the cache complete.
-    Shards and cache info left in `cache_dir` by an earlier run are deleted first.
+    Every process of `accelerator` must call this: the shards still missing are split between the processes
+    (`process_indices`), each encodes its shards on its device, then the main process checks the shards and writes
+    `cache_info.json`, which marks the cache complete. An interrupted run resumes: the finished shards of a run with
+    the same fingerprint and storage settings are kept, whatever number of processes wrote them; anything else left
+    in `cache_dir` by an earlier run is deleted first.
 
     Args:
         accelerator (`accelerate.Accelerator`): Gives the process index, the number of processes and the barrier.
@@ -249,11 +355,12 @@ def encode_to_cache(
             [-1, 1]) and, for labelled data, "class_labels" (a long scalar). Build it without random flipping.
         cache_dir (`str`): The directory to write to; created if absent. All processes must see the same directory.
         batch_size (`int`, defaults to 64): Images per VAE call on each process. Each call also encodes their flips,
-            so the VAE sees `2 * batch_size` images at a time.
+            so the VAE sees `2 * batch_size` images at a time. Batches never straddle two shards.
         fingerprint (`dict`): From `cache_fingerprint`; stored so `check_cache` can tell whether the cache matches.
+            Its `num_samples` may exceed `len(dataset)` by the rows dropped as unreadable.
         num_workers (`int`, defaults to 0): DataLoader worker processes for reading the images.
-        samples_per_shard (`int`, defaults to 4096): A shard is written once this many samples are buffered (whole
-            batches, so up to `batch_size - 1` more), bounding the memory held before a write.
+        samples_per_shard (`int`, defaults to 4096): Items per shard (the last one holds the rest): the unit of work
+            that a relaunch does not repeat, and a bound on the memory held before a write.
         storage_dtype (`torch.dtype`, defaults to `torch.float32`): `torch.float32`, or `torch.float16` to halve the
             size of the cache (see the module docstring).
         features_fn (`Callable`, *optional*): images `(B, 3, R, R)` in [-1, 1] on the VAE's device -> a CPU tensor
@@ -264,97 +371,78 @@ def encode_to_cache(
     Returns:
         `cache_dir`.
     """
-    storage_name = str(storage_dtype).removeprefix("torch.")
-    if storage_name not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype={storage_dtype} is not supported; use torch.float32 or torch.float16.")
-    if batch_size < 1 or samples_per_shard < 1:
-        raise ValueError(f"batch_size={batch_size} and samples_per_shard={samples_per_shard} must be >= 1.")
+    storage_name = _check_encode_arguments(
+        dataset, cache_dir, batch_size, fingerprint, samples_per_shard, storage_dtype
+    )
     num_samples = len(dataset)
-    if num_samples == 0:
-        raise ValueError("The data set to cache is empty; check --train_data_dir / --dataset_name.")
-    if fingerprint.get("num_samples", num_samples) != num_samples:
-        raise ValueError(
-            f"The fingerprint is for {fingerprint['num_samples']} samples but the data set has {num_samples}; build "
-            "the fingerprint with cache_fingerprint(..., num_samples=len(dataset))."
-        )
-    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
-        raise ValueError(f"--cache_latents {cache_dir!r} is a file; pass a directory.")
-
+    build = _build_settings(fingerprint, num_samples, samples_per_shard, storage_name, features_fn is not None)
     if accelerator.is_main_process:
         os.makedirs(cache_dir, exist_ok=True)
-        _remove_stale_files(cache_dir)
-    # No process may write a shard before the main process has finished deleting the old ones.
+        _keep_finished_shards(cache_dir, build)
+    # No process may list or write shards before the main process has finished deleting the unusable ones.
     accelerator.wait_for_everyone()
 
-    share = process_indices(num_samples, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    buffer, buffered, shard_count, has_labels, names = [], 0, 0, None, GAUSSIAN_MOMENTS
-
-    def write_shard():
-        nonlocal buffer, buffered, shard_count
-        keys = ("index", *names, *("flip_" + name for name in names), "labels")
-        keys += FEATURE_TENSORS if features_fn is not None else ()
-        tensors = {key: torch.cat([part[key] for part in buffer]) for key in keys}
-        name = f"shard-{accelerator.process_index:05d}-{shard_count:05d}.safetensors"
-        _atomic_save(tensors, os.path.join(cache_dir, name), {"has_labels": str(has_labels).lower()})
-        buffer, buffered, shard_count = [], 0, shard_count + 1
-
-    start = share.start
-    for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
-        pixel_values = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
-        n = pixel_values.shape[0]
-        # One VAE call for the images and their flips: GroupNorm is per sample, so batching them changes nothing.
-        both = torch.cat([pixel_values, torch.flip(pixel_values, dims=[-1])])
-        moments = encode_moments(vae, both).to("cpu", storage_dtype)  # (2n, K, C, h, w)
-        names = moment_names(moments.shape[1])
-        batch_has_labels = "class_labels" in batch
-        if has_labels is not None and batch_has_labels != has_labels:
-            raise ValueError("Either all items of the data set or none must have 'class_labels'.")
-        has_labels = batch_has_labels
-        labels = torch.as_tensor(batch["class_labels"]).long().reshape(n) if has_labels else torch.full((n,), -1)
-        part = {"index": torch.arange(start, start + n), "labels": labels.cpu()}
-        for k, name in enumerate(names):
-            part[name], part["flip_" + name] = moments[:n, k].contiguous(), moments[n:, k].contiguous()
-        if features_fn is not None:
-            features = features_fn(both).to("cpu").contiguous()
-            part["features"], part["flip_features"] = features[:n], features[n:]
-        buffer.append(part)
-        start, buffered = start + n, buffered + n
-        if buffered >= samples_per_shard:
-            write_shard()
-    if buffer:
-        write_shard()
+    mine = _shards_to_encode(accelerator, cache_dir, num_samples, samples_per_shard)
+    spans = [range(k * samples_per_shard, min(num_samples, (k + 1) * samples_per_shard)) for k in mine]
+    batches = [list(span[i : i + batch_size]) for span in spans for i in range(0, len(span), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    parts, shards = [], iter(zip(mine, spans))
+    shard, span = next(shards, (None, None))
+    progress = tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process)
+    for batch, indices in zip(progress, batches):
+        parts.append(_encode_batch(vae, batch, indices[0], storage_dtype, features_fn))
+        if indices[-1] == span[-1]:  # the shard's last batch
+            tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            metadata = {"has_labels": str("class_labels" in batch).lower(), "build": build,
+                        "latent_tensors": ",".join(_latent_names(tensors))}  # fmt: skip
+            _atomic_save(tensors, os.path.join(cache_dir, shard_name(shard)), metadata)
+            parts = []
+            shard, span = next(shards, (None, None))
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        info = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "fingerprint": _json_safe(fingerprint),
-            "num_samples": num_samples,
-            **_summarize_shards(cache_dir, num_samples),
-            "dtype": storage_name,
-            "vae_dtype": str(vae.dtype).removeprefix("torch."),
-            "latent_tensors": list(names),
-            **dict(zip(("shift_factor", "scaling_factor"), vae_latent_scale(vae))),
-        }
-        path = os.path.join(cache_dir, CACHE_INFO_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(path + ".tmp", path)
+        _write_cache_info(cache_dir, fingerprint, num_samples, storage_name, vae)
     # Nobody reads the cache before it is marked complete.
     accelerator.wait_for_everyone()
     return cache_dir
 
 
+def _latent_names(tensors: dict) -> tuple[str, ...]:
+    """The moments' tensor names of a shard's `tensors`, in the order they stack (`mean`, `logvar` or `latents`)."""
+    return tuple(k for k in tensors if k not in ("index", "labels", *FEATURE_TENSORS) and not k.startswith("flip_"))
+
+
+def _write_cache_info(cache_dir: str, fingerprint: dict, num_samples: int, storage_name: str, vae) -> None:
+    summary = _summarize_shards(cache_dir, num_samples)
+    # Every shard of one build holds the same tensors (the build fixes the autoencoder).
+    names = shard_metadata(os.path.join(cache_dir, summary["shards"][0])).get("latent_tensors")
+    info = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "fingerprint": _json_safe(fingerprint),
+        "num_samples": num_samples,
+        **summary,
+        "dtype": storage_name,
+        "vae_dtype": str(vae.dtype).removeprefix("torch."),
+        "latent_tensors": names.split(",") if names else list(GAUSSIAN_MOMENTS),
+        **dict(zip(("shift_factor", "scaling_factor"), vae_latent_scale(vae))),
+    }
+    path = os.path.join(cache_dir, CACHE_INFO_NAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 class CachedLatentDataset(Dataset):
-    """The moments of a complete latent cache, all in memory, in the order of the encoded data set.
+    """The moments of a complete latent cache, read from memory-mapped shards, in the data set's order.
 
     Item `i` is `{"moments": (K, C, h, w), "class_labels": long scalar}` for data set item `i`: the stacked `mean`
     and `logvar` of its posterior (K = 2; the latents of a deterministic encoder, K = 1) or, with `random_flip`, of
     its horizontal flip's with probability 0.5 (a function of (seed, epoch, index): [`~dit_hf.training.flip_flags`]).
     "class_labels" is left out for unconditional data.
-    Items are views of one pre-stacked tensor, so the default collate batches them with no file I/O; sample the
-    latents on the device with `sample_latents` (`autoencoders.latents_from_moments` for either kind).
+    Opening a cache reads the shards' headers and `index` tensors only; each item is copied out of the mapped files
+    when asked for, so private memory stays flat however large the cache, and the processes of one machine share the
+    file pages. Sample the latents on the device with `sample_latents` (`autoencoders.latents_from_moments` for
+    either kind).
 
     Args:
         cache_dir (`str`): A directory written by `encode_to_cache`.
@@ -363,7 +451,7 @@ class CachedLatentDataset(Dataset):
 
     Raises:
         `ValueError`: If the cache is incomplete or corrupt (no `cache_info.json`, a missing or unreadable shard, a
-            missing or repeated index); the message says to delete it and rerun.
+            missing or repeated index, wrong shapes); the message says to delete it and rerun.
     """
 
     def __init__(self, cache_dir: str, random_flip: bool = False, seed: int = 0):
@@ -374,51 +462,36 @@ class CachedLatentDataset(Dataset):
         if not os.path.isfile(os.path.join(cache_dir, CACHE_INFO_NAME)):
             raise ValueError(f"{cache_dir!r} holds no complete latent cache (no {CACHE_INFO_NAME}). {rebuild}")
         self.info = _read_cache_info(cache_dir)
-        num_samples, shape = self.info["num_samples"], self.info["latent_shape"]
-        names = self.info.get("latent_tensors", GAUSSIAN_MOMENTS)  # caches made before deterministic encoders
-        # (N, 2, K, C, h, w): [sample, unflipped / flipped, mean / logvar or latents]; filled shard by shard to bound
-        # peak memory.
-        self.moments = torch.empty(num_samples, 2, len(names), *shape, dtype=STORAGE_DTYPES[self.info["dtype"]])
-        self.labels = torch.empty(num_samples, dtype=torch.long)
-        feature_shape = self.info.get("feature_shape")
-        self.features = None  # (N, 2, ...) encoder features, allocated from the first shard (its dtype)
-        seen = torch.zeros(num_samples, dtype=torch.long)
         for name in self.info["shards"]:
-            path = os.path.join(cache_dir, name)
-            if not os.path.isfile(path):
+            if not os.path.isfile(os.path.join(cache_dir, name)):
                 raise ValueError(f"The latent cache is incomplete: shard {name} is missing. {rebuild}")
-            try:
-                with safe_open(path, framework="pt") as f:
-                    keys = ("index", *names, *("flip_" + key for key in names), "labels")
-                    keys += FEATURE_TENSORS if feature_shape is not None else ()
-                    shard = {key: f.get_tensor(key) for key in keys}
-            except (SafetensorError, OSError) as err:
-                raise ValueError(
-                    f"The latent cache is corrupt: shard {name} is unreadable ({err}). {rebuild}"
-                ) from err
-            index = shard["index"]
-            if index.numel() and not (0 <= int(index.min()) and int(index.max()) < num_samples):
-                raise ValueError(f"The latent cache is corrupt: shard {name} has indices out of range. {rebuild}")
-            moment_shapes = [list(shard[prefix + key].shape) for prefix in ("", "flip_") for key in names]
-            if moment_shapes != 2 * len(names) * [[index.numel(), *shape]] or shard["labels"].shape != index.shape:
-                raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong shape. {rebuild}")
-            seen.index_add_(0, index, torch.ones_like(index))
-            for flip, prefix in enumerate(("", "flip_")):
-                for k, key in enumerate(names):
-                    self.moments[index, flip, k] = shard[prefix + key]
-            self.labels[index] = shard["labels"]
-            if feature_shape is not None:
-                if list(shard["features"].shape) != [index.numel(), *feature_shape]:
-                    raise ValueError(f"The latent cache is corrupt: shard {name} has wrong feature shapes. {rebuild}")
-                if self.features is None:
-                    self.features = torch.empty(num_samples, 2, *feature_shape, dtype=shard["features"].dtype)
-                self.features[index, 0] = shard["features"]
-                self.features[index, 1] = shard["flip_features"]
-        if not bool((seen == 1).all()):
-            raise ValueError(
-                f"The latent cache is incomplete or corrupt: {int((seen == 0).sum())} of {num_samples} samples are "
-                f"missing and {int((seen > 1).sum())} repeated. {rebuild}"
+        try:
+            self.rows = ShardedRows(
+                [os.path.join(cache_dir, n) for n in self.info["shards"]], self.info["num_samples"]
             )
+        except ShardError as err:
+            name = os.path.basename(err.path)
+            raise ValueError(f"The latent cache is corrupt: shard {name} is unreadable ({err}). {rebuild}") from err
+        except ValueError as err:
+            raise ValueError(f"The latent cache is incomplete or corrupt: {err}. {rebuild}") from err
+        # The tensors stacked into "moments", in order (caches list them in their info; older ones hold a posterior).
+        self.latent_tensors = tuple(self.info.get("latent_tensors", GAUSSIAN_MOMENTS))
+        self._check_shapes(rebuild)
+
+    def _check_shapes(self, rebuild: str) -> None:
+        latent_shape, feature_shape = self.info["latent_shape"], self.info.get("feature_shape")
+        stacked = [prefix + name for prefix in ("", "flip_") for name in self.latent_tensors]
+        expected = {key: latent_shape for key in stacked} | {"labels": []}
+        if feature_shape is not None:
+            expected |= {key: feature_shape for key in FEATURE_TENSORS}
+        dtype = STORAGE_DTYPES[self.info["dtype"]]
+        for shard, count in zip(self.rows.shards, self.rows.counts):
+            name = os.path.basename(shard.path)
+            for key, shape in expected.items():
+                if key not in shard.header or list(shard.shape(key)) != [int(count), *shape]:
+                    raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong shape. {rebuild}")
+            if any(shard.dtype(key) != dtype for key in stacked):
+                raise ValueError(f"The latent cache is corrupt: shard {name} has the wrong dtype. {rebuild}")
 
     @property
     def scaling_factor(self) -> float:
@@ -434,8 +507,29 @@ class CachedLatentDataset(Dataset):
     def has_labels(self) -> bool:
         return self.info["has_labels"]
 
+    @property
+    def has_features(self) -> bool:
+        return self.info.get("feature_shape") is not None
+
     def __len__(self) -> int:
-        return self.moments.shape[0]
+        return len(self.rows)
+
+    def gather(self, indices: list[int], flip: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The items `indices` as one batch, each from its flip when `flip` (a 0/1 tensor, one per index) says so."""
+        flip = flip.numpy()
+        stacked = [self.rows.gather([name, "flip_" + name], indices, flip) for name in self.latent_tensors]
+        batch = {"moments": torch.stack(stacked, dim=1)}  # (B, K, C, h, w), e.g. [mean, logvar]
+        if self.has_labels:
+            batch["class_labels"] = self.rows.gather(["labels"], indices)
+        if self.has_features:
+            batch["repa_features"] = self.rows.gather(list(FEATURE_TENSORS), indices, flip)
+        return batch
+
+    @property
+    def moments(self) -> "CachedMoments":
+        """Every item's moments and its flip's as a read-only `(N, 2, K, C, h, w)` view, read through the maps
+        a slice at a time (e.g. for statistics over the whole cache in bounded memory)."""
+        return CachedMoments(self)
 
     def flips(self, indices) -> torch.Tensor:
         """Long `(len(indices),)`: 1 where the flipped image's moments are used, a function of (seed, epoch, index)."""
@@ -444,33 +538,42 @@ class CachedLatentDataset(Dataset):
         return flip_flags(self.seed, indices).long()
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        flip = int(self.flips([i])[0])
-        i = int(i)
-        item = {"moments": self.moments[i, flip]}
-        if self.has_labels:
-            item["class_labels"] = self.labels[i]
-        if self.features is not None:
-            item["repa_features"] = self.features[i, flip]
-        return item
+        return {key: value[0] for key, value in self.gather([int(i)], self.flips([i])).items()}
+
+
+class CachedMoments:
+    """`CachedLatentDataset.moments`: indexing the first dimension (an int or a slice) reads those items, each with
+    its flip, as a new tensor `(n, 2, K, C, h, w)` (`(2, K, C, h, w)` for an int)."""
+
+    def __init__(self, dataset: CachedLatentDataset):
+        self.dataset = dataset
+        k = len(dataset.latent_tensors)
+        self.shape = torch.Size([len(dataset), 2, k, *dataset.info["latent_shape"]])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice) -> torch.Tensor:
+        if not isinstance(key, (int, slice)):
+            raise TypeError(f"CachedMoments is indexed by an int or a slice of items, got {type(key).__name__}.")
+        indices = range(len(self))[key]
+        single = isinstance(key, int)
+        indices = [indices] if single else list(indices)
+        both = [self.dataset.gather(indices, torch.full((len(indices),), flip))["moments"] for flip in (0, 1)]
+        out = torch.stack(both, dim=1)
+        return out[0] if single else out
 
 
 class BatchedCachedLatents(CachedLatentDataset):
-    """[`CachedLatentDataset`] that hands the DataLoader whole batches, made with one gather instead of one view per
-    item and a stack (about 15× faster on CPU at 32×32×4 latents; see bench/bench_loader.py).
+    """[`CachedLatentDataset`] that hands the DataLoader whole batches, made with one gather per shard instead of one
+    read per item and a stack (about 15× faster on CPU at 32×32×4 latents; see bench/bench_loader.py).
 
     DataLoader calls `__getitems__` with a batch's indices; build it with `collate_fn=BatchedCachedLatents.collate`,
     which passes the ready batch through. Flips are chosen per item, as by the parent.
     """
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        flip = self.flips(indices)
-        batch = {"moments": self.moments[index, flip]}
-        if self.has_labels:
-            batch["class_labels"] = self.labels[index]
-        if self.features is not None:
-            batch["repa_features"] = self.features[index, flip]
-        return batch
+        return self.gather([int(i) for i in indices], self.flips(indices))
 
     collate = staticmethod(whole_batch_collate)
 

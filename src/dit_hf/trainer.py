@@ -32,6 +32,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from .autoencoders import encode_moments, latents_from_moments
+from .distributed import full_tensor, gather_full_model
 from .ema import load_ema, save_ema
 from .fp8 import strip_fp8
 from .guards import tensors_finite
@@ -242,6 +243,9 @@ class Trainer:
     record: dict = field(default_factory=dict)  # the resolved config with the run-time values, as trackers see it
     state: TrainerState = field(default_factory=TrainerState)
     stop: bool = False  # set by a hook to end the run after this step (e.g. preemption, once it has checkpointed)
+    # Under FSDP (`dit_hf.distributed.unsharded_copy`): an unprepared copy of the model that checkpoints and the EMA
+    # export fill with whole weights; None otherwise.
+    full_model: torch.nn.Module | None = None
 
     def __post_init__(self):
         self.unwrapped = self.accelerator.unwrap_model(self.model)
@@ -261,8 +265,8 @@ class Trainer:
     def train(self) -> TrainerState:
         acc, state = self.accelerator, self.state
         trained = self.trained_modules()
-        params = [p for module in trained for p in module.parameters()]
-        clip = functools.partial(acc.clip_grad_norm_, params, self.config.max_grad_norm)
+        # The prepared modules' parameters: FSDP swaps in sharded ones in `prepare`.
+        clip = functools.partial(self.clip_grad_norm, [p for module in trained for p in module.parameters()])
         self.progress = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
                              disable=not acc.is_local_main_process)  # fmt: skip
         for hook in self.hooks:
@@ -332,6 +336,10 @@ class Trainer:
         """The model and the auxiliary losses' modules (prepared)."""
         return (self.model, *(m for aux in self.aux_losses for m in aux.modules.values()))
 
+    def clip_grad_norm(self, params: list) -> torch.Tensor:
+        """Clip to `--max_grad_norm`; the norm before clipping, whole (under FSDP a sharded tensor until gathered)."""
+        return full_tensor(self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm))
+
     def compute_loss(self, batch: dict, x0: torch.Tensor, draws: dict) -> tuple[object, torch.Tensor, dict]:
         """The objective's loss plus every auxiliary term: (objective output, total loss, auxiliary metrics)."""
         labels = batch.get("class_labels") if self.num_classes else None
@@ -363,11 +371,12 @@ class Trainer:
 
     def ema_model(self, index: int) -> torch.nn.Module:
         """EMA weights in plain linear layers (no FP8): the model a user loads from the saved folder."""
-        return strip_fp8(self.ema.averaged_model(self.unwrapped, index))
+        model = self.unwrapped if self.full_model is None else self.full_model  # FSDP: the whole model's structure
+        return strip_fp8(self.ema.averaged_model(model, index))
 
     def _subfolder(self, module: torch.nn.Module) -> str:
         module = self.accelerator.unwrap_model(module)
-        if module is self.unwrapped:
+        if module is self.unwrapped or module is self.full_model:
             return TRANSFORMER_FOLDER
         for aux in self.aux_losses:
             for name, owned in aux.modules.items():
@@ -377,6 +386,7 @@ class Trainer:
 
     def _save_models(self, models, weights, output_dir):
         # Checkpoints hold diffusers folders (loadable with from_pretrained) instead of raw state dicts.
+        models = [gather_full_model(self.accelerator, m, self.full_model) for m in models]  # FSDP: every process
         if self.accelerator.is_main_process:
             for m in models:
                 self.accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, self._subfolder(m)))
