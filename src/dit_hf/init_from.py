@@ -356,10 +356,12 @@ def init_model_from_config(model: DiTModel, config, class_names: list[str] | Non
     if not config.init_from:
         return None
     if config.resume_from_checkpoint:
-        from .training import resolve_resume_path
+        from .training import list_checkpoints
 
-        path = resolve_resume_path(config.resume_from_checkpoint, os.path.join(config.output_dir, "checkpoints"))
-        if path is not None:
+        # Only whether there is a checkpoint to resume: the resume itself verifies it (hashes, readable state) once.
+        found = list_checkpoints(os.path.join(config.output_dir, "checkpoints"))
+        if config.resume_from_checkpoint != "latest" or found:
+            path = config.resume_from_checkpoint if config.resume_from_checkpoint != "latest" else found[-1][1]
             logger.warning("Resuming from %s: --init_from %s is not applied.", path, config.init_from)
             return None
     class_map = parse_class_map(config.class_map) if config.class_map is not None else None

@@ -227,15 +227,11 @@ class TrainerState:
 
 def list_checkpoints(checkpoints_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints (those with a trainer state) as sorted (step, path) pairs; partial ones are ignored."""
-    if not os.path.isdir(checkpoints_dir):
-        return []
-    found = []
-    for name in os.listdir(checkpoints_dir):
-        match = CHECKPOINT_PATTERN.match(name)
-        path = os.path.join(checkpoints_dir, name)
-        if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return [
+        (step, path)
+        for step, path in checkpoint_folders(checkpoints_dir)
+        if os.path.isfile(os.path.join(path, TRAINER_STATE))
+    ]
 
 
 def checkpoint_folders(checkpoints_dir: str) -> list[tuple[int, str]]:
