@@ -117,8 +117,6 @@ def train_digits_rae(
     """
     from sklearn.model_selection import train_test_split
 
-    from .repa import train_digits_encoder
-
     start = time.perf_counter()
     images, labels = _digits_rgb()
     train_idx, test_idx = train_test_split(
@@ -128,21 +126,8 @@ def train_digits_rae(
     encoder_summary = {}
     if encoder_dir is None:
         encoder_dir = os.path.join(output_dir, "encoder")
-        encoder_summary = train_digits_encoder(
-            encoder_dir,
-            image_size=ENCODER_INPUT_SIZE,
-            patch_size=ENCODER_PATCH_SIZE,
-            hidden_size=ENCODER_WIDTH,
-            num_heads=ENCODER_WIDTH // 64,
-            num_register_tokens=NUM_REGISTERS,
-            max_steps=encoder_steps,
-            seed=seed,
-        )
-    with open(os.path.join(encoder_dir, "preprocessor_config.json")) as f:
-        processor = json.load(f)
-    with open(os.path.join(encoder_dir, "config.json")) as f:
-        encoder_layers = json.load(f)["num_hidden_layers"]
-    mean, std = processor["image_mean"], processor["image_std"]
+        encoder_summary = _train_encoder(encoder_dir, encoder_steps, seed)
+    mean, std, encoder_layers = _encoder_layout(encoder_dir)
     decoder = dict(
         encoder_num_hidden_layers=encoder_layers,
         decoder_hidden_size=decoder_hidden_size,
@@ -156,10 +141,7 @@ def train_digits_rae(
     rae.eval()
     with torch.no_grad():
         tokens = torch.cat([rae.encode(chunk).latent for chunk in images.split(256)])  # (N, 64, 4, 4)
-    # The released RAEs normalise latents with statistics of the training set's encoder outputs; so does this one.
-    train_tokens = tokens[train_idx].transpose(0, 1).reshape(tokens.shape[1], -1)
-    latents_mean = train_tokens.mean(1).reshape(-1, 1, 1)
-    latents_std = train_tokens.std(1).reshape(-1, 1, 1)
+    latents_mean, latents_std = _token_statistics(tokens[train_idx])
 
     stage_start = time.perf_counter()
     _train_decoder(rae, tokens[train_idx], images[train_idx], noise_tau, max_steps, batch_size, learning_rate, seed)
@@ -186,6 +168,38 @@ def train_digits_rae(
     with open(os.path.join(output_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _train_encoder(encoder_dir: str, steps: int, seed: int) -> dict:
+    """The digits DINOv2 of `dit_hf.repa` in the layout `AutoencoderRAE` expects (a head per 64 channels)."""
+    from .repa import train_digits_encoder
+
+    return train_digits_encoder(
+        encoder_dir,
+        image_size=ENCODER_INPUT_SIZE,
+        patch_size=ENCODER_PATCH_SIZE,
+        hidden_size=ENCODER_WIDTH,
+        num_heads=ENCODER_WIDTH // 64,
+        num_register_tokens=NUM_REGISTERS,
+        max_steps=steps,
+        seed=seed,
+    )
+
+
+def _encoder_layout(encoder_dir: str) -> tuple[list[float], list[float], int]:
+    """The saved encoder's input normalisation (mean, std) and depth."""
+    with open(os.path.join(encoder_dir, "preprocessor_config.json")) as f:
+        processor = json.load(f)
+    with open(os.path.join(encoder_dir, "config.json")) as f:
+        layers = json.load(f)["num_hidden_layers"]
+    return processor["image_mean"], processor["image_std"], layers
+
+
+def _token_statistics(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std of (N, C, h, w) encoder tokens, as (C, 1, 1): the released RAEs normalise latents with
+    statistics of the training set's encoder outputs, and so does this one."""
+    flat = tokens.transpose(0, 1).reshape(tokens.shape[1], -1)
+    return flat.mean(1).reshape(-1, 1, 1), flat.std(1).reshape(-1, 1, 1)
 
 
 def _train_decoder(rae, tokens, targets, noise_tau, max_steps, batch_size, learning_rate, seed) -> None:
