@@ -298,18 +298,7 @@ def sample_for_eval(
     Returns:
         `str`: the path of the `.npz`.
     """
-    if num_samples < 1:
-        raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    if num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-    if seed < 0:
-        raise ValueError(f"`seed` must be >= 0, got {seed}.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be one of {sorted(PRECISIONS)}, got {precision!r}.")
-    check_guidance_scale(guidance_scale)  # before any image is made
-    check_guidance_interval(guidance_interval)
+    _check_arguments(num_samples, batch_size, num_inference_steps, seed, precision, guidance_scale, guidance_interval)
     if labels is not None and labels not in LABEL_MODES:
         raise ValueError(f"`labels` must be one of {LABEL_MODES} or None, got {labels!r}.")
 
@@ -321,23 +310,7 @@ def sample_for_eval(
             f"Launched as {launched} processes, but accelerate sees {state.num_processes}, so each would sample "
             "everything: without a GPU, set ACCELERATE_USE_CPU=1 (or pass --device cpu)."
         )
-    dtype = PRECISIONS[precision]
-    if isinstance(pipeline, DiTPipeline):
-        if weights != DEFAULT_WEIGHTS:
-            raise ValueError("`weights` chooses a subfolder of a saved pipeline: pass its path, not a pipeline.")
-        source = f"<in-memory {type(pipeline).__name__}>"
-        # A new pipeline object, so swapping the scheduler leaves the caller's pipeline alone.
-        pipe = DiTPipeline(
-            pipeline.transformer,
-            pipeline.scheduler,
-            pipeline.vae,
-            **{key: pipeline.config[key] for key in PIPELINE_SETTINGS if key in pipeline.config},
-        )
-        if any(m is not None and m.dtype != dtype for m in (pipe.transformer, pipe.vae)):
-            pipe.to(dtype=dtype)
-    else:
-        source = str(pipeline) if not os.path.isdir(pipeline) else os.path.abspath(pipeline)
-        pipe, weights = load_pipeline(pipeline, weights, dtype)
+    pipe, source, weights = _open_pipeline(pipeline, weights, PRECISIONS[precision])
     if scheduler is not None:
         pipe.scheduler = pipe.matching_scheduler(scheduler)
 
@@ -387,25 +360,69 @@ def sample_for_eval(
     todo = shard(missing, state.num_processes, state.process_index)
 
     pipe.to(device or state.device)
-    pipe.set_progress_bar_config(disable=True)
-    # The main process shows its own share; the others have the same amount of work, give or take one batch.
-    progress = tqdm(total=len(todo), unit="img", desc="sample-eval", disable=not state.is_main_process)
-    for batch in batches(todo, batch_size):
-        images = pipe(
-            class_labels=[class_labels[i] for i in batch] if conditional else None,
-            num_images=None if conditional else len(batch),
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            generator=[torch.Generator().manual_seed(image_seed(seed, i)) for i in batch],
-            guidance_interval=guidance_interval,
-        ).images
-        for index, image in zip(batch, images):
-            save_png(image, png(index))
-        progress.update(len(batch))
-    progress.close()
+    call = dict(
+        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, guidance_interval=guidance_interval
+    )
+    _render(pipe, todo, class_labels if conditional else None, png, batch_size, seed, call, state.is_main_process)
     state.wait_for_everyone()
 
     if state.is_main_process:
         write_npz(npz_path, [png(i) for i in range(num_samples)], class_labels, (height, width))
     state.wait_for_everyone()
     return npz_path
+
+
+def _check_arguments(num_samples, batch_size, num_inference_steps, seed, precision, guidance_scale, guidance_interval):
+    """[`sample_for_eval`]'s numeric arguments, refused before any work."""
+    if num_samples < 1:
+        raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    if num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+    if seed < 0:
+        raise ValueError(f"`seed` must be >= 0, got {seed}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+    check_guidance_scale(guidance_scale)  # before any image is made
+    check_guidance_interval(guidance_interval)
+
+
+def _open_pipeline(pipeline, weights: str, dtype: torch.dtype) -> tuple[DiTPipeline, str, str]:
+    """(pipeline in `dtype`, its source for the settings record, the transformer subfolder used)."""
+    if isinstance(pipeline, DiTPipeline):
+        if weights != DEFAULT_WEIGHTS:
+            raise ValueError("`weights` chooses a subfolder of a saved pipeline: pass its path, not a pipeline.")
+        source = f"<in-memory {type(pipeline).__name__}>"
+        # A new pipeline object, so swapping the scheduler leaves the caller's pipeline alone.
+        pipe = DiTPipeline(
+            pipeline.transformer,
+            pipeline.scheduler,
+            pipeline.vae,
+            **{key: pipeline.config[key] for key in PIPELINE_SETTINGS if key in pipeline.config},
+        )
+        if any(m is not None and m.dtype != dtype for m in (pipe.transformer, pipe.vae)):
+            pipe.to(dtype=dtype)
+    else:
+        source = str(pipeline) if not os.path.isdir(pipeline) else os.path.abspath(pipeline)
+        pipe, weights = load_pipeline(pipeline, weights, dtype)
+    return pipe, source, weights
+
+
+def _render(pipe, todo: list[int], class_labels, png, batch_size: int, seed: int, call: dict, show: bool) -> None:
+    """Make and save the images `todo` (indices), each from its own seeded generator: the same image whichever
+    process or batch makes it."""
+    pipe.set_progress_bar_config(disable=True)
+    # The main process shows its own share; the others have the same amount of work, give or take one batch.
+    progress = tqdm(total=len(todo), unit="img", desc="sample-eval", disable=not show)
+    for batch in batches(todo, batch_size):
+        images = pipe(
+            class_labels=[class_labels[i] for i in batch] if class_labels is not None else None,
+            num_images=None if class_labels is not None else len(batch),
+            generator=[torch.Generator().manual_seed(image_seed(seed, i)) for i in batch],
+            **call,
+        ).images
+        for index, image in zip(batch, images):
+            save_png(image, png(index))
+        progress.update(len(batch))
+    progress.close()
