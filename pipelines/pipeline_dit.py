@@ -113,6 +113,8 @@ def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> No
     """`guidance_interval` is None or (low, high) noise levels `t / num_train_timesteps` with 0 <= low <= high <= 1."""
     if guidance_interval is None:
         return
+    if len(guidance_interval) != 2:
+        raise ValueError(f"`guidance_interval` must be two noise levels (low, high), got {guidance_interval!r}.")
     low, high = guidance_interval
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(
@@ -167,12 +169,15 @@ class DiTPipeline(DiffusionPipeline):
             `None` for a pixel-space model.
         id2label (`dict[int, str]`, *optional*): Class names; a name may list synonyms separated by commas.
         objective (`str`, defaults to `"ddpm_eps"`): What the model predicts: `"ddpm_eps"` (ε, DiT), `"ddpm_v"`
-            (v) or `"flow"` (the flow-matching velocity ε - x_0). Saved in model_index.json; folders saved
-            without it are `"ddpm_eps"`.
+            (v), `"flow"` (the flow-matching velocity ε - x_0) or `"flow_x"` (flow matching, the model predicts the
+            clean image x_0; each step turns it into the velocity (x_σ - x̂_0) / σ). Saved in model_index.json;
+            folders saved without it are `"ddpm_eps"`.
         default_num_inference_steps (`int`, *optional*): Steps of a call that gives no `num_inference_steps`
             (e.g. the setting the model was validated with); 50 if None. Saved in model_index.json.
         default_guidance_scale (`float`, *optional*): Guidance scale of a call that gives no `guidance_scale`; 4.0
             if None. Saved in model_index.json.
+        default_guidance_interval (`tuple[float, float]`, *optional*): Guidance interval of a call that gives no
+            `guidance_interval`; every step is guided if None. Saved in model_index.json.
         latents_mean, latents_std (`list[float]`, *optional*): Per-channel statistics the model's latents were
             normalised with, `(z - mean) / std` (`--latent_norm channel` or `none`); `decode` undoes them. Without
             them the VAE's own `scaling_factor` / `shift_factor` are undone (none for an `AutoencoderRAE`, which
@@ -197,6 +202,7 @@ class DiTPipeline(DiffusionPipeline):
         objective: str = "ddpm_eps",
         default_num_inference_steps: int | None = None,
         default_guidance_scale: float | None = None,
+        default_guidance_interval: tuple[float, float] | None = None,
         latents_mean: list[float] | None = None,
         latents_std: list[float] | None = None,
     ):
@@ -204,6 +210,7 @@ class DiTPipeline(DiffusionPipeline):
         if objective not in OBJECTIVES:
             raise ValueError(f"Unknown `objective` {objective!r}; choose one of {list(OBJECTIVES)}.")
         check_sampling_defaults(default_num_inference_steps, default_guidance_scale)
+        check_guidance_interval(default_guidance_interval)
         check_latent_statistics(latents_mean, latents_std)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         # JSON turns int keys into strings: normalise so a reloaded pipeline compares equal.
@@ -213,6 +220,9 @@ class DiTPipeline(DiffusionPipeline):
             objective=objective,
             default_num_inference_steps=default_num_inference_steps,
             default_guidance_scale=default_guidance_scale,
+            default_guidance_interval=[float(v) for v in default_guidance_interval]
+            if default_guidance_interval is not None
+            else None,
             latents_mean=[float(m) for m in latents_mean] if latents_mean is not None else None,
             latents_std=[float(s) for s in latents_std] if latents_std is not None else None,
         )
@@ -315,7 +325,8 @@ class DiTPipeline(DiffusionPipeline):
             guidance_interval (`tuple[float, float]`, *optional*): Apply guidance only at steps whose noise level
                 `t / num_train_timesteps` lies in `[low, high]` (1.0 is pure noise; for flow schedulers t = σ · T, so
                 the level is σ); other steps run the conditional model alone, which also saves their unconditional
-                forward. `None` guides every step.
+                forward. Defaults to the config's `default_guidance_interval`, else every step; `(0.0, 1.0)` guides
+                every step whatever was saved.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images.
@@ -325,6 +336,8 @@ class DiTPipeline(DiffusionPipeline):
         check_sampling_defaults(num_inference_steps, guidance_scale)
         num_inference_steps, guidance_scale = self._sampling_settings(num_inference_steps, guidance_scale)
         check_guidance_interval(guidance_interval)
+        if guidance_interval is None:
+            guidance_interval = self.config.get("default_guidance_interval")
 
         conditional = self.num_classes > 0
         if conditional:
@@ -430,8 +443,11 @@ class DiTPipeline(DiffusionPipeline):
             timesteps = t.to(latents.device).reshape(1).expand(model_input.shape[0])
             step_labels = labels if guide or labels is None else labels[: latents.shape[0]]
             out = self.transformer(model_input, timesteps, step_labels).sample  # (B, C or 2C, H, W)
-            # The prediction is ε, v or the flow velocity; guidance extrapolates any of them linearly.
+            # The prediction is ε, v, the flow velocity or x_0; guidance extrapolates any of them linearly.
             pred, rest = out[:, :latent_channels], out[:, latent_channels:]
+            if self.config.objective == "flow_x":  # x̂_0 -> the velocity the flow scheduler integrates
+                sigma = (t.to(latents.device).float() / self.scheduler.config.num_train_timesteps).clamp_min(1e-4)
+                pred = ((model_input[:, :latent_channels] - pred.float()) / sigma).to(pred.dtype)
             if guide:
                 k = guidance_channels or latent_channels
                 cond, uncond = pred.chunk(2)

@@ -514,3 +514,67 @@ def test_flow_training_reduces_the_loss_on_a_fixed_batch():
         losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     assert max(losses[-5:]) < min(losses[:5])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# flow_x: the model predicts x_0, the loss and the sampler use the velocity it implies
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ConstantImage(ModelMixin, ConfigMixin):
+    """A 'model' whose output is the same image whatever the input: the oracle x_0 of a one-image data set."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 3, sample_size: int = 8, num_classes: int = 10):
+        super().__init__()
+        self.image = torch.nn.Parameter(
+            torch.linspace(-1, 1, in_channels * sample_size**2).reshape(1, in_channels, 8, 8)
+        )
+
+    def forward(self, x, t, class_labels=None):
+        return SimpleNamespace(sample=self.image.expand(x.shape[0], -1, -1, -1).to(x.dtype))
+
+
+def test_flow_x_loss_is_the_velocity_error_of_the_predicted_image():
+    objective = make_objective("flow_x")
+    assert objective.name == "flow_x" and objective.predict_x0 and not objective.learn_sigma
+    model = RecordingModel(tiny_dit(learn_sigma=False))
+    x0, noise = batch()
+    timesteps = torch.tensor([10.0, 250.0, 600.0, 990.0])
+    out = objective(model, x0, torch.tensor([0, 1, 2, 3]), timesteps=timesteps, noise=noise)
+    sigma = (timesteps.double() / T).reshape(-1, 1, 1, 1).clamp_min(0.05)  # σ = 0.01 is divided by 0.05
+    v_hat = (model.x_t.double() - model.output.double()) / sigma
+    expected = ((v_hat - (noise.double() - x0.double())) ** 2).mean(dim=(1, 2, 3))
+    np.testing.assert_allclose(out.mse.detach().double().numpy(), expected.numpy(), rtol=1e-5)
+    # The oracle that outputs the clean image has zero loss wherever σ >= min_sigma.
+    oracle = ConstantImage()
+    x0 = oracle.image.detach().expand(4, -1, -1, -1)
+    out = objective(oracle, x0, torch.tensor([0, 1, 2, 3]), timesteps=timesteps, noise=noise)
+    assert out.mse[1:].abs().max() < 1e-10 and out.mse[0] > 1e-3
+    # The same oracle is far from the velocity target of plain flow.
+    assert make_objective("flow")(oracle, x0, timesteps=timesteps, noise=noise).loss > 0.5
+
+
+def test_flow_x_pipeline_lands_on_the_predicted_image():
+    """Each step turns x̂_0 into the velocity (x_σ - x̂_0) / σ, so a model that always predicts X samples X."""
+    oracle = ConstantImage()
+    for scheduler in (FlowMatchEulerDiscreteScheduler(), FlowMatchHeunDiscreteScheduler(shift=2.0)):
+        pipe = DiTPipeline(transformer=oracle, scheduler=scheduler, objective="flow_x")
+        pipe.set_progress_bar_config(disable=True)
+        latents = sample(pipe, steps=4, guidance_scale=1.0)
+        torch.testing.assert_close(latents, oracle.image.detach().expand(2, -1, -1, -1), atol=1e-5, rtol=0)
+        # Read as a velocity (objective "flow"), the same output leads elsewhere.
+        pipe = DiTPipeline(transformer=oracle, scheduler=scheduler, objective="flow")
+        pipe.set_progress_bar_config(disable=True)
+        assert (sample(pipe, steps=4, guidance_scale=1.0) - oracle.image).abs().max() > 0.5
+
+
+def test_flow_x_samples_with_flow_schedulers_only():
+    objective = make_objective("flow_x", shift=2.0)
+    euler = make_scheduler(objective)
+    assert isinstance(euler, FlowMatchEulerDiscreteScheduler) and euler.config.shift == 2.0
+    assert isinstance(make_scheduler(objective, "heun"), FlowMatchHeunDiscreteScheduler)
+    with pytest.raises(ValueError, match="'flow_x' objective"):
+        DiTPipeline(tiny_dit(learn_sigma=False), DDPMScheduler(), objective="flow_x")([0], num_inference_steps=2)
+    with pytest.raises(ValueError, match="'flow_x' objective learns no variance"):
+        make_objective("flow_x", learn_sigma=True)

@@ -154,6 +154,7 @@ def test_saved_pipeline_samples_with_the_settings_the_run_validated_with(tmp_pat
         "none",
     ]
     settings = ["--num_inference_steps", "3", "--guidance_scale", "1.5", "--sample_scheduler", "heun"]
+    settings += ["--guidance_interval", "0.5", "1"]
     train_dit.main(
         train_dit.parse_args(
             ["--train_data_dir", paths["train"], "--output_dir", str(out), "--max_train_steps", "2", *tiny, *settings]
@@ -161,11 +162,24 @@ def test_saved_pipeline_samples_with_the_settings_the_run_validated_with(tmp_pat
     )
     pipe = DiTPipeline.from_pretrained(out)
     assert (pipe.config.default_num_inference_steps, pipe.config.default_guidance_scale) == (3, 1.5)
+    assert pipe.config.default_guidance_interval == [0.5, 1.0]
     assert isinstance(pipe.scheduler, FlowMatchHeunDiscreteScheduler)
+    with torch.no_grad():  # two steps of real weights, perturbed so that guidance changes the images
+        for param in pipe.transformer.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
     default = pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="np").images
     explicit = pipe(
-        [0, 1], num_inference_steps=3, guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="np"
+        [0, 1],
+        num_inference_steps=3,
+        guidance_scale=1.5,
+        guidance_interval=(0.5, 1.0),
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
     ).images
+    every_step = pipe(
+        [0, 1], guidance_interval=(0.0, 1.0), generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    assert not np.allclose(default, every_step.images)
     other = pipe(
         [0, 1],
         num_inference_steps=50,
@@ -174,3 +188,54 @@ def test_saved_pipeline_samples_with_the_settings_the_run_validated_with(tmp_pat
         output_type="np",
     ).images
     assert np.array_equal(default, explicit) and not np.allclose(default, other)
+
+
+def test_cpu_threads_raise_only_accelerates_default_of_one(monkeypatch):
+    """`accelerate launch` exports OMP_NUM_THREADS=1 for a CPU process; the trainer gives it the cores instead."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # the trainer logs through accelerate
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        train_dit.set_cpu_threads(None, accelerator)
+        assert torch.get_num_threads() == cores
+        # Two processes on this machine share the cores.
+        torch.set_num_threads(1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        train_dit.set_cpu_threads(None, accelerator)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        # A thread count the user chose another way is kept; an explicit flag wins.
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(1)
+        train_dit.set_cpu_threads(None, accelerator)
+        assert torch.get_num_threads() == 1
+        train_dit.set_cpu_threads(2, accelerator)
+        assert torch.get_num_threads() == 2
+        # Nothing changes on a GPU process.
+        torch.set_num_threads(1)
+        train_dit.set_cpu_threads(4, SimpleNamespace(device=torch.device("cuda", 0), num_processes=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="--cpu_threads"):
+        train_dit.parse_args(["--cpu_threads", "0"])
+
+
+def test_guidance_interval_flag_and_yaml_values_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="--guidance_interval"):
+        train_dit.parse_args(["--guidance_interval", "0.8", "0.2"])
+    with pytest.raises(ValueError, match="--guidance_interval"):
+        train_dit.parse_args(["--guidance_interval", "0", "1.5"])
+    config = tmp_path / "c.yaml"
+    config.write_text("guidance_interval: [0, 1]\n")  # YAML integers are read as the noise levels they are
+    assert train_dit.parse_args(["--config", str(config)]).guidance_interval == [0.0, 1.0]
+    config.write_text("guidance_interval: [low, 1]\n")
+    with pytest.raises(ValueError, match="guidance_interval must be a list of numbers"):
+        train_dit.parse_args(["--config", str(config)])

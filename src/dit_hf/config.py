@@ -33,7 +33,14 @@ from .init_from import UNMAPPED_CHOICES, check_init_config
 from .modeling_dit import DIT_PRESETS, RECIPE_PRESETS
 from .ownership import check_output_dir_use
 from .recipes import NAMED_RECIPES, RECIPES, choose_recipe, load_recipe, read_recipe_file, small_patch_size
-from .scheduling_dit import DDPM_FAMILIES, FLOW_FAMILIES, OBJECTIVES, SAMPLER_FAMILIES, check_guidance_scale
+from .scheduling_dit import (
+    DDPM_FAMILIES,
+    FLOW_FAMILIES,
+    FLOW_OBJECTIVES,
+    OBJECTIVES,
+    SAMPLER_FAMILIES,
+    check_guidance_scale,
+)
 
 CONFIG_NAME = "config.yaml"
 
@@ -115,7 +122,8 @@ class TrainConfig:
     beta_schedule: str = flag("linear", None, MODEL, choices=("linear", "squaredcos_cap_v2"))
     objective: str | None = flag(
         None,
-        "ddpm_eps (DiT), ddpm_v (v-prediction) or flow (rectified flow, velocity). Default: the recipe's.",
+        "ddpm_eps (DiT), ddpm_v (v-prediction), flow (rectified flow, velocity) or flow_x (flow, the model predicts "
+        "the clean image; JiT). Default: the recipe's.",
         MODEL,
         choices=OBJECTIVES,
     )
@@ -193,6 +201,12 @@ class TrainConfig:
         choices=("no", "fp16", "bf16", "fp8"),
     )
     allow_tf32: bool = flag(False, None, OPTIM)
+    cpu_threads: int | None = flag(
+        None,
+        "Torch threads per process on a CPU. Default: unchanged, except that the OMP_NUM_THREADS=1 which `accelerate "
+        "launch` gives a CPU process by default is raised to this machine's cores divided by its processes.",
+        OPTIM,
+    )
     gradient_checkpointing: bool = flag(False, None, OPTIM)
     compile: bool = flag(False, "torch.compile each DiT block (regional).", OPTIM)
     ema_decay: str | None = flag(None, "One or several rates: '0.9999' or '0.999,0.9999'.", OPTIM)
@@ -225,6 +239,13 @@ class TrainConfig:
     )
     guidance_scale: float | None = flag(None, "Grids, evaluation and the saved pipeline's default.")
     num_inference_steps: int | None = flag(None, "Grids, evaluation and the saved pipeline's default.")
+    guidance_interval: list[float] | None = flag(
+        None,
+        "Guide only at noise levels t/T in [LOW, HIGH] (1 is pure noise); the other steps run the conditional model "
+        "alone. Grids, evaluation and the saved pipeline's default. Default: the recipe's, else every step.",
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+    )
     eval_steps: int | None = flag(None, "FID of EMA samples every K steps (off).")
     eval_samples: int = flag(256, "Samples per evaluation.")
     eval_reference: str | None = flag(
@@ -343,8 +364,10 @@ def coerce(name: str, value, source: str):
     if kind is list:
         item = _item_type(name)
         value = [value] if isinstance(value, item) and not isinstance(value, bool) else value
+        if item is float and isinstance(value, list):
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            what = "integers" if item is int else "strings"
+            what = {int: "integers", float: "numbers"}.get(item, "strings")
             raise ValueError(f"{source}: {name} must be a list of {what}, got {value!r}.")
         return list(value)
     if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, kind)):
@@ -416,7 +439,7 @@ def _derive(values: dict, explicit: set[str], native: int | None, native_channel
             )
         values["sample_scheduler"] = families[0]  # the recipe's sampler is for another objective than the one given
     if values["learn_sigma"] is None:
-        values["learn_sigma"] = values["objective"] != "flow"
+        values["learn_sigma"] = values["objective"] not in FLOW_OBJECTIVES
     if values["push_to_hub"] and not values["hub_model_id"]:
         values["hub_model_id"] = os.path.basename(os.path.normpath(values["output_dir"]))
     if values["repa_encoder"] and values["repa_depth"] is None:
@@ -500,8 +523,17 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--max_train_steps must be >= 1, got {config.max_train_steps}.")
     parse_ema_decays(config.ema_decay)  # raises with the fix on a bad spec
     check_guidance_scale(config.guidance_scale)  # NaN / inf would only show as black grids after training
-    if config.objective == "flow" and config.learn_sigma:
-        raise ValueError("--objective flow learns no variance: drop --learn_sigma (or use ddpm_eps / ddpm_v).")
+    if config.guidance_interval is not None and not (
+        len(config.guidance_interval) == 2 and 0 <= config.guidance_interval[0] <= config.guidance_interval[1] <= 1
+    ):
+        raise ValueError(
+            f"--guidance_interval must be LOW HIGH with 0 <= LOW <= HIGH <= 1 (noise levels, 1 is pure noise), got "
+            f"{config.guidance_interval}."
+        )
+    if config.objective in FLOW_OBJECTIVES and config.learn_sigma:
+        raise ValueError(
+            f"--objective {config.objective} learns no variance: drop --learn_sigma (or use ddpm_eps / ddpm_v)."
+        )
     if config.time_shift != "auto":
         try:
             shift = float(config.time_shift)
@@ -509,6 +541,8 @@ def validate(config: TrainConfig) -> None:
             shift = -1.0
         if not shift > 0:
             raise ValueError(f"--time_shift must be a positive number or 'auto', got {config.time_shift!r}.")
+    if config.cpu_threads is not None and config.cpu_threads < 1:
+        raise ValueError(f"--cpu_threads must be >= 1 (or left unset), got {config.cpu_threads}.")
     _check_positive(config, ("eval_steps", "eval_samples", "eval_batch_size"))
     if config.repa_encoder and not config.repa_coeff > 0:
         raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {config.repa_coeff}.")

@@ -60,6 +60,7 @@ def make_pipeline(model, objective, vae, id2label, config, latent_norm=None) -> 
         objective=objective.name,
         default_num_inference_steps=config.num_inference_steps,
         default_guidance_scale=config.guidance_scale,
+        default_guidance_interval=config.guidance_interval,
         **(latent_norm.pipeline_config() if latent_norm is not None else {}),
     )
 

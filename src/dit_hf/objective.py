@@ -4,12 +4,16 @@
 - `"ddpm_eps"` (default, as DiT): ε-prediction MSE plus, with a learned variance, the improved-DDPM VLB term.
 - `"ddpm_v"`: the same diffusion with v-prediction, v = √ᾱ_t ε - √(1 - ᾱ_t) x_0; a learned variance is supported.
 - `"flow"`: flow matching / rectified flow with a velocity target on the straight path from data to noise.
+- `"flow_x"`: the same flow matching, but the model predicts the clean image x_0 and the loss is taken on the
+  velocity it implies, (x_σ - x̂_0) / σ (JiT's x-prediction with a v-loss). Clean images are easier to predict than
+  noise where data are flat: a black background is a constant in x_0 but (x_σ + 1) / σ in velocity terms.
 
 References:
     Ho et al., 2020, "Denoising Diffusion Probabilistic Models" (DDPM), eqs. (4)-(7) and (12).
     Nichol & Dhariwal, 2021, "Improved Denoising Diffusion Probabilistic Models" (iDDPM), eqs. (9)-(16).
     Salimans & Ho, 2022, "Progressive Distillation for Fast Sampling of Diffusion Models" (v-prediction).
     Lipman et al., 2023, "Flow Matching for Generative Modeling"; Liu et al., 2023, "Flow Straight and Fast".
+    Li & He, 2025, "Back to Basics: Let Denoising Generative Models Denoise" (JiT): x-prediction with a v-loss.
     Esser et al., 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3), Sec. 3.1
         (logit-normal noise levels) and Sec. 5.3.2 (resolution-dependent shift).
     Zheng et al., 2025, "Diffusion Transformers with Representation Autoencoders" (RAE): the shift from the latent
@@ -32,7 +36,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .scheduling_dit import DDPM_PREDICTION_TYPES, OBJECTIVES, make_matching_scheduler
+from .scheduling_dit import DDPM_PREDICTION_TYPES, FLOW_OBJECTIVES, OBJECTIVES, make_matching_scheduler
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
@@ -528,19 +532,38 @@ class FlowMatchingObjective:
     the per-sample mean of (v̂ - (ε - x_0))². [`FlowMatchEulerDiscreteScheduler`] with the same T integrates
     x ← x + (σ_next - σ) v̂ from σ = 1, so it samples from a model trained here without conversion.
 
+    With `predict_x0=True` (objective `"flow_x"`) the model outputs x̂_0 instead, and the loss is the same velocity
+    error with v̂ = (x_σ - x̂_0) / max(σ, `min_sigma`), i.e. the x_0 error weighted by 1 / σ²; [`DiTPipeline`] makes
+    the same conversion before each scheduler step.
+
     Args:
         num_train_timesteps (`int`, defaults to 1000): T, the scale of the model's timestep input.
         timestep_sampler ([`TimestepSampler`], *optional*): Distribution of σ. Defaults to uniform.
+        predict_x0 (`bool`, defaults to `False`): The model predicts x_0 (`"flow_x"`) rather than the velocity.
+        min_sigma (`float`, defaults to 0.05): With `predict_x0`, the smallest σ the x_0 error is divided by, which
+            bounds the loss weight at 1 / min_sigma² (JiT clips the same way).
     """
 
-    name = "flow"
     learn_sigma = False
 
-    def __init__(self, num_train_timesteps: int = 1000, timestep_sampler: TimestepSampler | None = None):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        timestep_sampler: TimestepSampler | None = None,
+        predict_x0: bool = False,
+        min_sigma: float = 0.05,
+    ):
         if num_train_timesteps < 1:
             raise ValueError(f"`num_train_timesteps` must be >= 1, got {num_train_timesteps}.")
+        if not 0 < min_sigma < 1:
+            raise ValueError(f"`min_sigma` must be in (0, 1), got {min_sigma}.")
         self.num_train_timesteps = num_train_timesteps
         self.timestep_sampler = timestep_sampler or TimestepSampler()
+        self.predict_x0, self.min_sigma = predict_x0, min_sigma
+
+    @property
+    def name(self) -> str:
+        return "flow_x" if self.predict_x0 else "flow"
 
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str, generator: Generators = None
@@ -590,6 +613,8 @@ class FlowMatchingObjective:
                 f"The model output must have the shape of `x0` {tuple(x0.shape)}, got {tuple(model_output.shape)}; "
                 "flow matching learns no variance: build the model with `learn_sigma=False`."
             )
+        if self.predict_x0:
+            model_output = (x_t.float() - model_output.float()) / sigmas.clamp_min(self.min_sigma)
         mse = mean_flat((model_output - self.training_target(x0, noise, timesteps)) ** 2)
         return DiffusionLossOutput(loss=mse.mean(), loss_per_sample=mse, timesteps=timesteps, mse=mse, vlb=None)
 
@@ -616,9 +641,9 @@ def make_objective(
     Build a training objective by name.
 
     Args:
-        name (`str`, defaults to `"ddpm_eps"`): `"ddpm_eps"` (DiT), `"ddpm_v"` or `"flow"`.
+        name (`str`, defaults to `"ddpm_eps"`): `"ddpm_eps"` (DiT), `"ddpm_v"`, `"flow"` or `"flow_x"`.
         learn_sigma (`bool`, *optional*): Whether the model predicts the variance (DDPM objectives only). Defaults
-            to `True` for the DDPM objectives, as DiT, and `False` for `"flow"`, which cannot use it.
+            to `True` for the DDPM objectives, as DiT, and `False` for flow, which cannot use it.
         num_train_timesteps (`int`, defaults to 1000): T: the DDPM chain length, or the flow timestep scale.
         beta_schedule (`str`, defaults to `"linear"`): DDPM noise schedule, see [`make_ddpm_scheduler`].
         vlb_weight (`float`, defaults to 1.0): Weight of the VLB term with a learned variance.
@@ -630,13 +655,13 @@ def make_objective(
     if name not in OBJECTIVES:
         raise ValueError(f"Unknown objective {name!r}; choose one of {list(OBJECTIVES)}.")
     sampler = TimestepSampler(timestep_sampling, mean=logit_mean, std=logit_std, shift=shift)
-    if name == "flow":
+    if name in FLOW_OBJECTIVES:
         if learn_sigma:
             raise ValueError(
-                "The 'flow' objective learns no variance: pass learn_sigma=False (and build the model with "
+                f"The {name!r} objective learns no variance: pass learn_sigma=False (and build the model with "
                 "`learn_sigma=False`), or use 'ddpm_eps' / 'ddpm_v' to learn one."
             )
-        return FlowMatchingObjective(num_train_timesteps, timestep_sampler=sampler)
+        return FlowMatchingObjective(num_train_timesteps, timestep_sampler=sampler, predict_x0=name == "flow_x")
     learn_sigma = True if learn_sigma is None else learn_sigma
     scheduler = make_ddpm_scheduler(num_train_timesteps, beta_schedule, learn_sigma, DDPM_PREDICTION_TYPES[name])
     return DDPMObjective(scheduler, learn_sigma=learn_sigma, vlb_weight=vlb_weight, timestep_sampler=sampler)
@@ -656,7 +681,7 @@ def make_scheduler(objective: Objective, family: str | None = None, shift: float
     if isinstance(objective, FlowMatchingObjective):
         shift = objective.timestep_sampler.shift if shift is None else shift
         config = {"num_train_timesteps": objective.num_train_timesteps, "shift": shift}
-        return make_matching_scheduler("flow", family or "euler", config)
+        return make_matching_scheduler(objective.name, family or "euler", config)
     if shift is not None:
         raise ValueError(f"`shift` applies to flow-matching schedulers only; the objective is {objective.name!r}.")
     return make_matching_scheduler(objective.name, family or "ddpm", objective.scheduler.config)

@@ -38,6 +38,7 @@ PIPELINE_SETTINGS = (
     "objective",
     "default_num_inference_steps",
     "default_guidance_scale",
+    "default_guidance_interval",
     "latents_mean",
     "latents_std",
 )

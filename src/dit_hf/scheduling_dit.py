@@ -21,13 +21,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 SCHEDULING_MODULE = "scheduling_dit"
 
 # Training objectives (see dit_hf.objective) and the `prediction_type` diffusion schedulers need for each.
-OBJECTIVES = ("ddpm_eps", "ddpm_v", "flow")
+OBJECTIVES = ("ddpm_eps", "ddpm_v", "flow", "flow_x")
+# Flow matching on the straight path; "flow" predicts the velocity ε - x_0, "flow_x" the clean image x_0 (the
+# pipeline turns it into the velocity (x_σ - x̂_0) / σ for the scheduler).
+FLOW_OBJECTIVES = ("flow", "flow_x")
 DDPM_PREDICTION_TYPES = {"ddpm_eps": "epsilon", "ddpm_v": "v_prediction"}
 # Scheduler families by name, for `make_matching_scheduler`.
 DDPM_FAMILIES = ("ddpm", "ddim", "dpm")
 FLOW_FAMILIES = ("euler", "heun")
 # The families that can sample each objective; the first is the default.
-SAMPLER_FAMILIES = {"ddpm_eps": DDPM_FAMILIES, "ddpm_v": DDPM_FAMILIES, "flow": FLOW_FAMILIES}
+SAMPLER_FAMILIES = {"ddpm_eps": DDPM_FAMILIES, "ddpm_v": DDPM_FAMILIES, "flow": FLOW_FAMILIES, "flow_x": FLOW_FAMILIES}
 
 
 def uses_flow_sigmas(scheduler: SchedulerMixin) -> bool:
@@ -39,17 +42,17 @@ def check_scheduler_matches(objective: str, scheduler: SchedulerMixin):
     """Raise a `ValueError` naming the fix when `scheduler` cannot sample a model trained with `objective`."""
     name = type(scheduler).__name__
     prediction_type = scheduler.config.get("prediction_type")
-    if objective == "flow":
+    if objective in FLOW_OBJECTIVES:
         if not uses_flow_sigmas(scheduler):
             raise ValueError(
-                f"The model was trained with the 'flow' objective (it predicts a velocity), but {name} is a "
+                f"The model was trained with the {objective!r} objective (flow matching), but {name} is a "
                 "diffusion scheduler; use a flow-matching one with the training T and shift, e.g. the one saved "
                 "with the model or `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)` "
                 "(`FlowMatchHeunDiscreteScheduler` for 2nd order)."
             )
         if prediction_type not in (None, "flow_prediction"):
             raise ValueError(
-                f"The model was trained with the 'flow' objective, but {name} has prediction_type="
+                f"The model was trained with the {objective!r} objective, but {name} has prediction_type="
                 f"{prediction_type!r}; build it with `prediction_type='flow_prediction'`."
             )
         if scheduler.config.get("use_dynamic_shifting"):
@@ -79,9 +82,9 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
     A scheduler of the named family that samples a model trained with `objective`.
 
     Args:
-        objective (`str`): `"ddpm_eps"`, `"ddpm_v"` or `"flow"`.
+        objective (`str`): `"ddpm_eps"`, `"ddpm_v"`, `"flow"` or `"flow_x"`.
         family (`str`): For the DDPM objectives `"ddpm"` (ancestral; uses a learned variance), `"ddim"` or `"dpm"`
-            (DPM-Solver++ multistep). For `"flow"`: `"euler"` or `"heun"` (2nd order, 2 model calls per step but
+            (DPM-Solver++ multistep). For flow: `"euler"` or `"heun"` (2nd order, 2 model calls per step but
             the last). (`DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")` is
             accepted too, but it feeds the model ⌊σ · T⌋ rather than σ · T, which limits its accuracy.)
         config (`dict`): Config of a scheduler built for the training (e.g. `pipe.scheduler.config`), which gives
@@ -94,7 +97,7 @@ def make_matching_scheduler(objective: str, family: str, config: dict) -> Schedu
         raise ValueError(
             f"Unknown scheduler family {family!r} for the {objective!r} objective; choose one of {list(families)}."
         )
-    if objective == "flow":
+    if objective in FLOW_OBJECTIVES:
         if config.get("use_flow_sigmas"):
             shift = config["flow_shift"]
         elif "shift" in config:
