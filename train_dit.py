@@ -195,7 +195,7 @@ def set_cpu_threads(cpu_threads: int | None, accelerator: Accelerator) -> None:
         if cpu_threads == torch.get_num_threads():
             return
         logger.info(
-            f"CPU: {cpu_threads} torch threads per process ({cores} cores, {local} processes on this machine) "
+            f"CPU: {cpu_threads} torch threads per process ({cores} cores, {local} process(es) on this machine) "
             "instead of the OMP_NUM_THREADS=1 set by accelerate launch; --cpu_threads N to choose."
         )
     torch.set_num_threads(cpu_threads)

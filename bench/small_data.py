@@ -43,7 +43,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "bench", "results")
 VARIANTS = {"gray28": dict(resolution=28, channels=1), "rgb32": dict(resolution=32, channels=3)}
 # What the DiT paper's objective changes, all else equal (for the comparison rows).
-PAPER_FLAGS = "--objective ddpm_eps --timestep_sampling uniform --learn_sigma --sample_scheduler ddpm"
+PAPER_FLAGS = (
+    "--objective ddpm_eps --timestep_sampling uniform --learn_sigma --sample_scheduler ddpm --guidance_interval 0 1"
+)
 
 
 def readme_command() -> str:

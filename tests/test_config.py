@@ -55,7 +55,7 @@ def test_every_shipped_recipe_resolves(tmp_path, name):
     config = resolve(tmp_path, "--config", name, *(["--vae", "some/vae"] if latent else []))
     assert isinstance(config, TrainConfig)
     assert config.recipe == read_recipe_file(name)[1]["recipe"]
-    if config.objective == "flow":
+    if config.objective in ("flow", "flow_x"):
         assert not config.learn_sigma and config.sample_scheduler in ("euler", "heun")
 
 

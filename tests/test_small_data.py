@@ -100,14 +100,14 @@ def test_small_data_recipe_is_picked_for_a_folder_of_small_images(tmp_path):
     paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=40, num_test=10)
     args = train_dit.parse_args(["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "out")])
     assert (args.recipe, args.resolution, args.image_channels, args.patch_size) == ("small", 16, 1, 2)
-    assert (args.objective, args.learn_sigma, args.ema_warmup, args.random_flip) == ("flow", False, True, False)
-    assert args.sample_scheduler == "euler"
+    assert (args.objective, args.learn_sigma, args.ema_warmup, args.random_flip) == ("flow_x", False, True, False)
+    assert (args.sample_scheduler, args.guidance_scale, args.guidance_interval) == ("euler", 4.0, [0.2, 0.8])
     # An explicit flag wins over the recipe, and a sampler that cannot sample the objective is refused.
     args = train_dit.parse_args(
         ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), "--objective", "ddpm_eps"]
     )
     assert (args.objective, args.learn_sigma, args.sample_scheduler) == ("ddpm_eps", True, "ddpm")
-    with pytest.raises(ValueError, match="cannot sample a flow model"):
+    with pytest.raises(ValueError, match="cannot sample a flow_x model"):
         train_dit.parse_args(
             ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), "--sample_scheduler", "ddim"]
         )
