@@ -333,22 +333,12 @@ class DiTPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        check_sampling_defaults(num_inference_steps, guidance_scale)
-        num_inference_steps, guidance_scale = self._sampling_settings(num_inference_steps, guidance_scale)
-        check_guidance_interval(guidance_interval)
-        if guidance_interval is None:
-            guidance_interval = self.config.get("default_guidance_interval")
-
-        conditional = self.num_classes > 0
-        if conditional:
-            if class_labels is None:
-                raise ValueError("This model is class-conditional: pass `class_labels` (ids or names, one per image).")
-            label_ids = self.get_label_ids(class_labels)
-            batch_size = len(label_ids)
-        else:
-            if class_labels is not None:
-                raise ValueError("This model is unconditional: pass `class_labels=None` and `num_images`.")
-            batch_size = num_images or 1
+        num_inference_steps, guidance_scale, guidance_interval = self._sampling_settings(
+            num_inference_steps, guidance_scale, guidance_interval
+        )
+        label_ids = self._label_ids(class_labels)
+        conditional = label_ids is not None
+        batch_size = len(label_ids) if conditional else num_images or 1
         do_cfg = conditional and guidance_scale != 1.0
         if do_cfg and getattr(self.transformer.config, "class_dropout_prob", 0.1) == 0:
             raise ValueError(
@@ -385,15 +375,7 @@ class DiTPipeline(DiffusionPipeline):
         finally:
             self.transformer.train(was_training)
 
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.decode(latents)
-            if output_type != "pt":
-                images = images.permute(0, 2, 3, 1).float().cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-
+        images = latents if output_type == "latent" else self._to_images(self.decode(latents), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -412,16 +394,39 @@ class DiTPipeline(DiffusionPipeline):
         # Flow-matching schedulers start from unit noise and define no `init_noise_sigma`.
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-    def _sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
-        """The call's values, else the saved `default_*` config entries, else 50 steps and guidance 4.0. (A folder
-        saved before these entries existed has none: `config.get`.)"""
+    def _label_ids(self, class_labels) -> list[int] | None:
+        """The call's labels as class ids (None for an unconditional model), or the error naming what to pass."""
+        if self.num_classes > 0:
+            if class_labels is None:
+                raise ValueError("This model is class-conditional: pass `class_labels` (ids or names, one per image).")
+            return self.get_label_ids(class_labels)
+        if class_labels is not None:
+            raise ValueError("This model is unconditional: pass `class_labels=None` and `num_images`.")
+        return None
+
+    def _to_images(self, images: torch.Tensor, output_type: str):
+        """Images in [0, 1] (NCHW) as the call asked: tensors ("pt"), NHWC numpy ("np") or PIL images ("pil")."""
+        if output_type == "pt":
+            return images
+        images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
+
+    def _sampling_settings(
+        self, num_inference_steps: int | None, guidance_scale: float | None, guidance_interval=None
+    ) -> tuple[int, float, tuple[float, float] | None]:
+        """The call's values, else the saved `default_*` config entries, else 50 steps, guidance 4.0 and guidance at
+        every step. (A folder saved before these entries existed has none: `config.get`.)"""
+        check_sampling_defaults(num_inference_steps, guidance_scale)
+        check_guidance_interval(guidance_interval)
+        if guidance_interval is None:
+            guidance_interval = self.config.get("default_guidance_interval")
         if num_inference_steps is None:
             saved = self.config.get("default_num_inference_steps")
             num_inference_steps = NUM_INFERENCE_STEPS if saved is None else saved
         if guidance_scale is None:
             saved = self.config.get("default_guidance_scale")
             guidance_scale = GUIDANCE_SCALE if saved is None else saved
-        return num_inference_steps, guidance_scale
+        return num_inference_steps, guidance_scale, guidance_interval
 
     def _guided_at(self, t: torch.Tensor, guidance_interval: tuple[float, float] | None) -> bool:
         if guidance_interval is None:
