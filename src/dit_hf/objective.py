@@ -532,9 +532,10 @@ class FlowMatchingObjective:
     the per-sample mean of (v̂ - (ε - x_0))². [`FlowMatchEulerDiscreteScheduler`] with the same T integrates
     x ← x + (σ_next - σ) v̂ from σ = 1, so it samples from a model trained here without conversion.
 
-    With `predict_x0=True` (objective `"flow_x"`) the model outputs x̂_0 instead, and the loss is the same velocity
-    error with v̂ = (x_σ - x̂_0) / max(σ, `min_sigma`), i.e. the x_0 error weighted by 1 / σ²; [`DiTPipeline`] makes
-    the same conversion before each scheduler step.
+    With `predict_x0=True` (objective `"flow_x"`) the model outputs x̂_0 instead, and the loss is the velocity error
+    with both velocities written through the clean image, v̂ = (x_σ - x̂_0) / s and v = (x_σ - x_0) / s with
+    s = max(σ, `min_sigma`): the x_0 error weighted by 1 / s² (for σ >= `min_sigma`, v = ε - x_0 exactly).
+    [`DiTPipeline`] turns x̂_0 into the velocity the same way before each scheduler step.
 
     Args:
         num_train_timesteps (`int`, defaults to 1000): T, the scale of the model's timestep input.
@@ -613,9 +614,11 @@ class FlowMatchingObjective:
                 f"The model output must have the shape of `x0` {tuple(x0.shape)}, got {tuple(model_output.shape)}; "
                 "flow matching learns no variance: build the model with `learn_sigma=False`."
             )
-        if self.predict_x0:
-            model_output = (x_t.float() - model_output.float()) / sigmas.clamp_min(self.min_sigma)
-        mse = mean_flat((model_output - self.training_target(x0, noise, timesteps)) ** 2)
+        if self.predict_x0:  # (x_σ - x̂_0) / s - (x_σ - x_0) / s
+            error = (x0.float() - model_output.float()) / sigmas.clamp_min(self.min_sigma)
+        else:
+            error = model_output - self.training_target(x0, noise, timesteps)
+        mse = mean_flat(error**2)
         return DiffusionLossOutput(loss=mse.mean(), loss_per_sample=mse, timesteps=timesteps, mse=mse, vlb=None)
 
 
