@@ -284,3 +284,18 @@ def test_a_launch_that_accelerate_does_not_see_is_refused(tmp_path, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"Launched as 2 processes, but accelerate sees 1.*ACCELERATE_USE_CPU=1"):
         sample_for_eval(make_pipe(), tmp_path, 2, **KW)
+
+
+def test_no_interval_guides_every_step_whatever_the_pipeline_saved(tmp_path):
+    """The settings recorded in sample_eval.json are what sampled: a saved default interval does not slip in."""
+    pipe = make_pipe(tiny_dit())
+    pipe.register_to_config(default_guidance_interval=[0.5, 1.0])
+
+    def images(name, interval):
+        npz = sample_for_eval(pipe, tmp_path / name, 4, batch_size=4, guidance_interval=interval, **KW)
+        return np.load(npz)["arr_0"]
+
+    unset, every_step, saved = images("unset", None), images("every", (0.0, 1.0)), images("saved", (0.5, 1.0))
+    np.testing.assert_array_equal(unset, every_step)
+    assert not np.array_equal(unset, saved)
+    assert json.loads((tmp_path / "unset" / "sample_eval.json").read_text())["guidance_interval"] is None

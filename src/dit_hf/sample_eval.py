@@ -361,8 +361,12 @@ def sample_for_eval(
     todo = shard(missing, state.num_processes, state.process_index)
 
     pipe.to(device or state.device)
+    # The settings are the call's own, not the pipeline's saved defaults: None guides every step, as recorded.
+    every_step = (0.0, 1.0)
     call = dict(
-        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, guidance_interval=guidance_interval
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        guidance_interval=guidance_interval if guidance_interval is not None else every_step,
     )
     _render(pipe, todo, class_labels if conditional else None, png, batch_size, seed, call, state.is_main_process)
     state.wait_for_everyone()
