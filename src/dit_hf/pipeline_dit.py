@@ -202,7 +202,7 @@ class DiTPipeline(DiffusionPipeline):
         objective: str = "ddpm_eps",
         default_num_inference_steps: int | None = None,
         default_guidance_scale: float | None = None,
-        default_guidance_interval: tuple[float, float] | None = None,
+        default_guidance_interval: list[float] | tuple[float, float] | None = None,
         latents_mean: list[float] | None = None,
         latents_std: list[float] | None = None,
     ):
