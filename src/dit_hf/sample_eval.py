@@ -302,30 +302,12 @@ def sample_for_eval(
     _check_arguments(num_samples, batch_size, num_inference_steps, seed, precision, guidance_scale, guidance_interval)
     if labels is not None and labels not in LABEL_MODES:
         raise ValueError(f"`labels` must be one of {LABEL_MODES} or None, got {labels!r}.")
-
-    # Like `Accelerator`, run on CPU processes (gloo) when asked to, e.g. by `accelerate launch --cpu`.
-    state = PartialState(cpu=str(device) == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
-    launched = int(os.environ.get("WORLD_SIZE", 1))
-    if launched != state.num_processes:
-        raise ValueError(
-            f"Launched as {launched} processes, but accelerate sees {state.num_processes}, so each would sample "
-            "everything: without a GPU, set ACCELERATE_USE_CPU=1 (or pass --device cpu)."
-        )
+    state = _launch_state(device)
     pipe, source, weights = _open_pipeline(pipeline, weights, PRECISIONS[precision])
     if scheduler is not None:
         pipe.scheduler = pipe.matching_scheduler(scheduler)
-
-    conditional = pipe.num_classes > 0
-    if not conditional and labels is not None:
-        raise ValueError(f"--labels {labels}: this model is unconditional and takes no labels; drop --labels.")
-    if not conditional and (guidance_scale != 1.0 or guidance_interval is not None):
-        raise ValueError("This model is unconditional: guidance needs a class-conditional model; drop the guidance.")
-    labels = (labels or "uniform") if conditional else None
-    class_labels = assign_labels(num_samples, pipe.num_classes, labels, seed)
-    channels = image_channels(pipe.vae) if pipe.vae is not None else pipe.transformer.config.in_channels
-    if channels not in (1, 3):
-        raise ValueError(f"The ADM evaluator takes RGB images, but this pipeline makes {channels}-channel images.")
-    height, width = image_size(pipe)
+    labels, class_labels = _eval_labels(pipe, labels, num_samples, seed, guidance_scale, guidance_interval)
+    height, width = _eval_image_size(pipe)
 
     settings = {
         "pipeline": source,
@@ -355,11 +337,7 @@ def sample_for_eval(
     def png(index: int) -> str:
         return os.path.join(images_dir, f"{index:06d}.png")
 
-    # Each process checks a share of the existing files; all then split the missing ones the same way.
-    checked = shard(list(range(num_samples)), state.num_processes, state.process_index)
-    missing = sorted(gather_object([i for i in checked if not is_valid_png(png(i), (height, width))]))
-    todo = shard(missing, state.num_processes, state.process_index)
-
+    todo = _missing_share(state, num_samples, png, (height, width))
     pipe.to(device or state.device)
     # The settings are the call's own, not the pipeline's saved defaults: None guides every step, as recorded.
     every_step = (0.0, 1.0)
@@ -368,13 +346,55 @@ def sample_for_eval(
         num_inference_steps=num_inference_steps,
         guidance_interval=guidance_interval if guidance_interval is not None else every_step,
     )
-    _render(pipe, todo, class_labels if conditional else None, png, batch_size, seed, call, state.is_main_process)
+    _render(pipe, todo, class_labels, png, batch_size, seed, call, state.is_main_process)
     state.wait_for_everyone()
 
     if state.is_main_process:
         write_npz(npz_path, [png(i) for i in range(num_samples)], class_labels, (height, width))
     state.wait_for_everyone()
     return npz_path
+
+
+def _launch_state(device) -> PartialState:
+    """This process's accelerate state, checked against the launcher: each process must sample its own share."""
+    # Like `Accelerator`, run on CPU processes (gloo) when asked to, e.g. by `accelerate launch --cpu`.
+    state = PartialState(cpu=str(device) == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if launched != state.num_processes:
+        raise ValueError(
+            f"Launched as {launched} processes, but accelerate sees {state.num_processes}, so each would sample "
+            "everything: without a GPU, set ACCELERATE_USE_CPU=1 (or pass --device cpu)."
+        )
+    return state
+
+
+def _eval_labels(pipe, labels, num_samples, seed, guidance_scale, guidance_interval):
+    """(the label mode recorded, the class of each sample or None) for this pipeline; unconditional models refuse
+    labels and guidance."""
+    if pipe.num_classes > 0:
+        labels = labels or "uniform"
+        return labels, assign_labels(num_samples, pipe.num_classes, labels, seed)
+    if labels is not None:
+        raise ValueError(f"--labels {labels}: this model is unconditional and takes no labels; drop --labels.")
+    if guidance_scale != 1.0 or guidance_interval is not None:
+        raise ValueError("This model is unconditional: guidance needs a class-conditional model; drop the guidance.")
+    return None, None
+
+
+def _eval_image_size(pipe) -> tuple[int, int]:
+    """(height, width) of the pipeline's images, which must be grayscale or RGB for the ADM evaluator."""
+    channels = image_channels(pipe.vae) if pipe.vae is not None else pipe.transformer.config.in_channels
+    if channels not in (1, 3):
+        raise ValueError(f"The ADM evaluator takes RGB images, but this pipeline makes {channels}-channel images.")
+    return image_size(pipe)
+
+
+def _missing_share(state: PartialState, num_samples: int, png, size: tuple[int, int]) -> list[int]:
+    """The indices without a valid PNG yet that this process makes. Each process checks a share of the existing
+    files; all then split the missing ones the same way."""
+    checked = shard(list(range(num_samples)), state.num_processes, state.process_index)
+    missing = sorted(gather_object([i for i in checked if not is_valid_png(png(i), size)]))
+    return shard(missing, state.num_processes, state.process_index)
 
 
 def _check_arguments(num_samples, batch_size, num_inference_steps, seed, precision, guidance_scale, guidance_interval):
