@@ -124,6 +124,65 @@ def build(args):
     return pipes
 
 
+def compiled_variant(mode: str, transformer):
+    """The transformer that `mode` runs: compiled wrappers share the weights; regional compiles in place."""
+    if mode == "compile":
+        return torch.compile(transformer)
+    if mode == "cudagraphs":
+        return torch.compile(transformer, mode="reduce-overhead")
+    if mode == "regional":
+        transformer.compile_repeated_blocks(fullgraph=True)
+    return transformer
+
+
+def uncompile_blocks(transformer) -> None:
+    for block in transformer.modules():  # back to the eager blocks after a regional compile
+        block._compiled_call_impl = None
+
+
+def compare(results: list[dict], images: dict, modes: list[str]) -> tuple[dict, dict]:
+    """(speed ratios, largest pixel differences): dit-hf against diffusers in each mode, and each compiled dit-hf
+    mode against eager dit-hf."""
+    by_key = {(r["impl"], r["mode"]): r for r in results}
+    ratios, max_diff = {}, {}
+    for mode in modes:
+        if ("dit-hf", mode) in by_key and ("diffusers", mode) in by_key:
+            ratios[f"dit-hf/diffusers {mode}"] = (
+                by_key[("dit-hf", mode)]["images_per_s"] / by_key[("diffusers", mode)]["images_per_s"]
+            )
+            max_diff[mode] = (images[("dit-hf", mode)] - images[("diffusers", mode)]).abs().max().item()
+        if mode != "eager" and ("dit-hf", mode) in images and ("dit-hf", "eager") in images:
+            # Compiled kernels reorder floating-point sums: the images must still match the eager ones closely.
+            max_diff[f"dit-hf {mode} vs eager"] = (
+                (images[("dit-hf", mode)] - images[("dit-hf", "eager")]).abs().max().item()
+            )
+    if ("diffusers", "eager") in by_key:
+        best = max((r for r in results if r["impl"] == "dit-hf"), key=lambda r: r["images_per_s"], default=None)
+        if best:
+            ratios["best dit-hf / diffusers eager"] = (
+                best["images_per_s"] / by_key[("diffusers", "eager")]["images_per_s"]
+            )
+    return ratios, max_diff
+
+
+def report(args, env: dict, results: list[dict], ratios: dict, max_diff: dict) -> str:
+    """The markdown written next to the JSON: the settings, a table of the runs, the ratios and differences."""
+    rows = [[r["impl"], r["mode"], r["images_per_s"], r["s_per_batch"], r["peak_mem_gib"]] for r in results]
+    return (
+        f"Sampling, {args.model} latents {args.latent_size}² batch {args.batch_size} {args.precision}, "
+        f"{args.scheduler} {args.steps} steps, guidance {args.guidance_scale} — {env['device']}, "
+        f"torch {env['torch']}, diffusers {env['diffusers']}\n\n"
+        + markdown_table(["impl", "mode", "images/s", "s per batch", "peak GiB"], rows)
+        + "\n\n"
+        + "\n".join(f"- {k}: {v:.2f}×" for k, v in ratios.items())
+        + "\n"
+        + "\n".join(
+            f"- largest pixel difference, {m if ' vs ' in m else f'dit-hf vs diffusers ({m})'}: {d:.2e}"
+            for m, d in max_diff.items()
+        )
+    )
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -144,20 +203,6 @@ def main(argv=None) -> dict:
             ).images
 
     results, images = [], {}
-
-    def variant(mode: str, transformer):
-        """The transformer that `mode` runs: compiled wrappers share the weights; regional compiles in place."""
-        if mode == "compile":
-            return torch.compile(transformer)
-        if mode == "cudagraphs":
-            return torch.compile(transformer, mode="reduce-overhead")
-        if mode == "regional":
-            transformer.compile_repeated_blocks(fullgraph=True)
-        return transformer
-
-    def uncompile_blocks(transformer):
-        for block in transformer.modules():  # back to the eager blocks after a regional compile
-            block._compiled_call_impl = None
 
     def record(name: str, mode: str, timing: dict):
         out = call(name)
@@ -182,7 +227,7 @@ def main(argv=None) -> dict:
         # One variant at a time, so that each peak memory is its own.
         for name, mode in variants:
             torch._dynamo.reset()
-            pipes[name].transformer = variant(mode, eager[name])
+            pipes[name].transformer = compiled_variant(mode, eager[name])
             reset_memory(args.device)
             record(name, mode, time_iterations(functools.partial(call, name), args.device, args.warmup, args.repeats))
             pipes[name].transformer = eager[name]
@@ -190,7 +235,9 @@ def main(argv=None) -> dict:
     else:
         # On CPU the variants take turns call by call, so that the machine's other load reaches all of them alike;
         # a regional run gets its own copy of the weights, since that compile changes the module in place.
-        prepared = {(n, m): variant(m, copy.deepcopy(eager[n]) if m == "regional" else eager[n]) for n, m in variants}
+        prepared = {
+            (n, m): compiled_variant(m, copy.deepcopy(eager[n]) if m == "regional" else eager[n]) for n, m in variants
+        }
 
         def run_variant(name, mode):
             pipes[name].transformer = prepared[(name, mode)]
@@ -206,55 +253,12 @@ def main(argv=None) -> dict:
             record(name, mode, timings[(name, mode)])
             pipes[name].transformer = eager[name]
 
-    by_key = {(r["impl"], r["mode"]): r for r in results}
-    ratios, max_diff = {}, {}
-    for mode in args.modes:
-        if ("dit-hf", mode) in by_key and ("diffusers", mode) in by_key:
-            ratios[f"dit-hf/diffusers {mode}"] = (
-                by_key[("dit-hf", mode)]["images_per_s"] / by_key[("diffusers", mode)]["images_per_s"]
-            )
-            max_diff[mode] = (images[("dit-hf", mode)] - images[("diffusers", mode)]).abs().max().item()
-        if mode != "eager" and ("dit-hf", mode) in images and ("dit-hf", "eager") in images:
-            # Compiled kernels reorder floating-point sums: the images must still match the eager ones closely.
-            max_diff[f"dit-hf {mode} vs eager"] = (
-                (images[("dit-hf", mode)] - images[("dit-hf", "eager")]).abs().max().item()
-            )
-    if ("diffusers", "eager") in by_key:
-        best = max((r for r in results if r["impl"] == "dit-hf"), key=lambda r: r["images_per_s"], default=None)
-        if best:
-            ratios["best dit-hf / diffusers eager"] = (
-                best["images_per_s"] / by_key[("diffusers", "eager")]["images_per_s"]
-            )
+    ratios, max_diff = compare(results, images, args.modes)
     env = environment(args.device)
-    settings = {
-        "model": args.model,
-        "overrides": args.overrides,
-        "latent_size": args.latent_size,
-        "batch_size": args.batch_size,
-        "precision": args.precision,
-        "scheduler": args.scheduler,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "sdpa": args.sdpa,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-    }
-    rows = [[r["impl"], r["mode"], r["images_per_s"], r["s_per_batch"], r["peak_mem_gib"]] for r in results]
-    table = (
-        f"Sampling, {args.model} latents {args.latent_size}² batch {args.batch_size} {args.precision}, "
-        f"{args.scheduler} {args.steps} steps, guidance {args.guidance_scale} — {env['device']}, "
-        f"torch {env['torch']}, diffusers {env['diffusers']}\n\n"
-        + markdown_table(["impl", "mode", "images/s", "s per batch", "peak GiB"], rows)
-        + "\n\n"
-        + "\n".join(f"- {k}: {v:.2f}×" for k, v in ratios.items())
-        + "\n"
-        + "\n".join(
-            f"- largest pixel difference, {m if ' vs ' in m else f'dit-hf vs diffusers ({m})'}: {d:.2e}"
-            for m, d in max_diff.items()
-        )
-    )
+    keys = ("model", "overrides", "latent_size", "batch_size", "precision", "scheduler", "steps", "guidance_scale")
+    settings = {key: getattr(args, key) for key in (*keys, "sdpa", "warmup", "repeats")}
     payload = {"environment": env, "settings": settings, "results": results, "ratios": ratios, "max_diff": max_diff}
-    write_results(args.out, payload, table)
+    write_results(args.out, payload, report(args, env, results, ratios, max_diff))
     return payload
 
 
