@@ -183,6 +183,39 @@ def report(args, env: dict, results: list[dict], ratios: dict, max_diff: dict) -
     )
 
 
+def run_one_by_one(args, pipes, eager: dict, variants: list, call, record) -> None:
+    """GPU: time one variant at a time, so that each peak memory is its own."""
+    for name, mode in variants:
+        torch._dynamo.reset()
+        pipes[name].transformer = compiled_variant(mode, eager[name])
+        reset_memory(args.device)
+        record(name, mode, time_iterations(functools.partial(call, name), args.device, args.warmup, args.repeats))
+        pipes[name].transformer = eager[name]
+        uncompile_blocks(eager[name])
+
+
+def run_in_turns(args, pipes, eager: dict, variants: list, call, record) -> None:
+    """CPU: the variants take turns call by call, so that the machine's other load reaches all of them alike; a
+    regional run gets its own copy of the weights, since that compile changes the module in place."""
+    prepared = {
+        (n, m): compiled_variant(m, copy.deepcopy(eager[n]) if m == "regional" else eager[n]) for n, m in variants
+    }
+
+    def run_variant(name, mode):
+        pipes[name].transformer = prepared[(name, mode)]
+        try:
+            return call(name)
+        finally:
+            pipes[name].transformer = eager[name]
+
+    fns = {v: functools.partial(run_variant, *v) for v in variants}
+    timings = time_interleaved(fns, args.device, args.warmup, args.repeats)
+    for name, mode in variants:
+        pipes[name].transformer = prepared[(name, mode)]
+        record(name, mode, timings[(name, mode)])
+        pipes[name].transformer = eager[name]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -223,35 +256,8 @@ def main(argv=None) -> dict:
     variants = [(n, m) for m in args.modes for n in args.impls if not (m == "regional" and n != "dit-hf")]
     torch._dynamo.reset()
     eager = {name: pipes[name].transformer for name in args.impls}
-    if args.device.type == "cuda":
-        # One variant at a time, so that each peak memory is its own.
-        for name, mode in variants:
-            torch._dynamo.reset()
-            pipes[name].transformer = compiled_variant(mode, eager[name])
-            reset_memory(args.device)
-            record(name, mode, time_iterations(functools.partial(call, name), args.device, args.warmup, args.repeats))
-            pipes[name].transformer = eager[name]
-            uncompile_blocks(eager[name])
-    else:
-        # On CPU the variants take turns call by call, so that the machine's other load reaches all of them alike;
-        # a regional run gets its own copy of the weights, since that compile changes the module in place.
-        prepared = {
-            (n, m): compiled_variant(m, copy.deepcopy(eager[n]) if m == "regional" else eager[n]) for n, m in variants
-        }
-
-        def run_variant(name, mode):
-            pipes[name].transformer = prepared[(name, mode)]
-            try:
-                return call(name)
-            finally:
-                pipes[name].transformer = eager[name]
-
-        fns = {v: functools.partial(run_variant, *v) for v in variants}
-        timings = time_interleaved(fns, args.device, args.warmup, args.repeats)
-        for name, mode in variants:
-            pipes[name].transformer = prepared[(name, mode)]
-            record(name, mode, timings[(name, mode)])
-            pipes[name].transformer = eager[name]
+    run_variants = run_one_by_one if args.device.type == "cuda" else run_in_turns
+    run_variants(args, pipes, eager, variants, call, record)
 
     ratios, max_diff = compare(results, images, args.modes)
     env = environment(args.device)
