@@ -340,31 +340,16 @@ class DiTPipeline(DiffusionPipeline):
         conditional = label_ids is not None
         batch_size = len(label_ids) if conditional else num_images or 1
         do_cfg = conditional and guidance_scale != 1.0
-        if do_cfg and getattr(self.transformer.config, "class_dropout_prob", 0.1) == 0:
-            raise ValueError(
-                "Classifier-free guidance needs a model trained with label dropout (`class_dropout_prob` > 0); "
-                "use `guidance_scale=1.0`."
-            )
-
         device = self._execution_device
         dtype = self.transformer.dtype
         shape = self._sample_shape(batch_size)
-        latent_channels = shape[1]
-        if guidance_channels is not None and not 0 < guidance_channels <= latent_channels:
-            raise ValueError(f"`guidance_channels` must be in 1..{latent_channels} or None, got {guidance_channels}.")
-        self._check_scheduler(latent_channels)
+        self._check_guidance(do_cfg, guidance_channels, shape[1])
+        self._check_scheduler(shape[1])
         # Timesteps first: the starting noise scale (`init_noise_sigma`) of σ-parametrised schedulers depends on them.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self._prepare_latents(shape, generator, latents, device, dtype)
 
-        if conditional:
-            labels = torch.tensor(label_ids, device=device)
-            if do_cfg:
-                # Conditional and unconditional halves in one batched forward; the null class is `num_classes`.
-                labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        else:
-            labels = None
-
+        labels = self._label_batch(label_ids, do_cfg, device)
         # Label dropout is a training-time augmentation: sample in eval mode whatever mode the model was left in.
         was_training = self.transformer.training
         self.transformer.eval()
@@ -380,6 +365,25 @@ class DiTPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _check_guidance(self, do_cfg: bool, guidance_channels: int | None, latent_channels: int) -> None:
+        if do_cfg and getattr(self.transformer.config, "class_dropout_prob", 0.1) == 0:
+            raise ValueError(
+                "Classifier-free guidance needs a model trained with label dropout (`class_dropout_prob` > 0); "
+                "use `guidance_scale=1.0`."
+            )
+        if guidance_channels is not None and not 0 < guidance_channels <= latent_channels:
+            raise ValueError(f"`guidance_channels` must be in 1..{latent_channels} or None, got {guidance_channels}.")
+
+    def _label_batch(self, label_ids: list[int] | None, do_cfg: bool, device) -> torch.Tensor | None:
+        """The labels of the denoiser's batch: with guidance, the conditional and unconditional halves go through one
+        batched forward (the null class is `num_classes`)."""
+        if label_ids is None:
+            return None
+        labels = torch.tensor(label_ids, device=device)
+        if do_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        return labels
 
     def _prepare_latents(self, shape, generator, latents, device, dtype) -> torch.Tensor:
         """The starting noise: drawn from `generator` or given, times the scheduler's `init_noise_sigma`."""

@@ -327,12 +327,7 @@ def sample_for_eval(
     out_dir = str(out_dir)
     images_dir = os.path.join(out_dir, "images")
     npz_path = os.path.join(out_dir, f"samples_{num_samples}x{height}x{width}x3.npz")
-    if not overwrite:
-        check_settings(out_dir, settings)  # in every process, so all of them stop on a mismatch
-    state.wait_for_everyone()
-    if state.is_main_process:
-        prepare_out_dir(out_dir, settings, overwrite)
-    state.wait_for_everyone()
+    _open_out_dir(state, out_dir, settings, overwrite)
 
     def png(index: int) -> str:
         return os.path.join(images_dir, f"{index:06d}.png")
@@ -340,12 +335,8 @@ def sample_for_eval(
     todo = _missing_share(state, num_samples, png, (height, width))
     pipe.to(device or state.device)
     # The settings are the call's own, not the pipeline's saved defaults: None guides every step, as recorded.
-    every_step = (0.0, 1.0)
-    call = dict(
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        guidance_interval=guidance_interval if guidance_interval is not None else every_step,
-    )
+    interval = guidance_interval if guidance_interval is not None else (0.0, 1.0)
+    call = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, guidance_interval=interval)
     _render(pipe, todo, class_labels, png, batch_size, seed, call, state.is_main_process)
     state.wait_for_everyone()
 
@@ -353,6 +344,17 @@ def sample_for_eval(
         write_npz(npz_path, [png(i) for i in range(num_samples)], class_labels, (height, width))
     state.wait_for_everyone()
     return npz_path
+
+
+def _open_out_dir(state: PartialState, out_dir: str, settings: dict, overwrite: bool) -> None:
+    """Checks the settings of the samples already in `out_dir` against these (in every process, so all of them stop
+    on a mismatch), then the main process writes the record, emptying the folder first with `overwrite`."""
+    if not overwrite:
+        check_settings(out_dir, settings)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        prepare_out_dir(out_dir, settings, overwrite)
+    state.wait_for_everyone()
 
 
 def _launch_state(device) -> PartialState:
