@@ -362,13 +362,45 @@ def build_dataloader(config: TrainConfig, dataset) -> tuple[EpochSampler, torch.
     return sampler, dataloader
 
 
-def build_repa_encoder(config: TrainConfig, accelerator):
+def build_repa_encoder(config: TrainConfig, accelerator, images=None):
     if not config.repa_encoder:
         return None
+    if config.repa_encoder == "classifier":
+        return build_classifier_encoder(config, accelerator, images)
     from dit_hf.repa import REPAEncoder
 
     dtype = PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
     return REPAEncoder(config.repa_encoder, dtype=dtype, cache_dir=config.cache_dir).to(accelerator.device)
+
+
+MAX_CACHED_FEATURES_BYTES = 2 * 2**30
+
+
+def build_classifier_encoder(config: TrainConfig, accelerator, images):
+    """`--repa_encoder classifier`: the main process fits the CNN on the cached training images once per output folder
+    (a resumed run reuses the saved file); without random flips, every image's targets are then cached with it."""
+    from dit_hf.evaluation import ImageClassifier
+    from dit_hf.repa import CLASSIFIER_FILE, ClassifierEncoder, cache_encoder_features, fit_classifier_encoder
+
+    path = os.path.join(config.output_dir, CLASSIFIER_FILE)
+    if accelerator.is_main_process and not os.path.isfile(path):
+        start = time.perf_counter()
+        classifier, accuracy = fit_classifier_encoder(images.pixels, images.labels, seed=config.seed)
+        classifier.save(path)
+        logger.info(
+            "REPA encoder: a CNN fitted on the training images in %.0f s, %.1f%% accurate on a held-out tenth of "
+            "them; saved as %s", time.perf_counter() - start, 100 * accuracy, path,
+        )  # fmt: skip
+    accelerator.wait_for_everyone()
+    encoder = ClassifierEncoder(ImageClassifier.load(path)).to(accelerator.device)
+    n, _, height, width = images.pixels.shape
+    size = n * encoder.hidden_size * (height // 4) * (width // 4) * 2  # float16
+    if not config.random_flip and size <= MAX_CACHED_FEATURES_BYTES:
+        chunks = torch.split(torch.arange(n), 256)
+        pixels = (images.transform.normalize(images.pixels[chunk]).to(accelerator.device) for chunk in chunks)
+        images.attach_features(torch.cat([cache_encoder_features(encoder, batch) for batch in pixels]))
+        logger.info("REPA targets of the %d images cached in RAM (%.1f MiB)", n, size / 2**20)
+    return encoder
 
 
 def build_aux_losses(config: TrainConfig, model: DiTModel, encoder) -> list:
@@ -484,7 +516,7 @@ def train(config: TrainConfig) -> dict:
     vae = load_vae(config, torch.float32) if config.vae else None
     geometry, flops_per_sample = plan_geometry(config, vae, accelerator, len(data.ds))
     images = build_image_dataset(config, data)
-    encoder = build_repa_encoder(config, accelerator)
+    encoder = build_repa_encoder(config, accelerator, images)
     dataset, latents = latent_data(config, accelerator, data, images, vae, geometry.in_channels, encoder)
     sampler, dataloader = build_dataloader(config, dataset)
 

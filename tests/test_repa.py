@@ -386,3 +386,64 @@ def test_make_digits_encoder_command(tmp_path, capsys):
     assert summary["max_steps"] == 1
     assert f"held-out accuracy {summary['test_accuracy']:.1%}" in capsys.readouterr().out
     assert AutoModel.from_pretrained(str(tmp_path)).config.hidden_size == 64
+
+
+def test_classifier_encoder_is_the_frozen_last_stage_before_pooling():
+    from dit_hf.evaluation import ImageClassifier, SmallConvNet
+    from dit_hf.repa import ClassifierEncoder
+
+    torch.manual_seed(0)
+    net = SmallConvNet(3, 10)
+    for module in net.modules():  # non-trivial batch-norm statistics, so that eval mode matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    encoder = ClassifierEncoder(ImageClassifier(net, channels=3, resolution=32))
+    encoder.train()
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    manual = net.eval().features[:20](images)  # three conv blocks; the third block's pooling excluded
+    assert encoder.hidden_size == 128
+    torch.testing.assert_close(encoder.feature_map(images), manual)
+    assert encoder(images, (8, 8)).shape == (2, 64, 128)
+    torch.testing.assert_close(encoder(images, (8, 8)), manual.flatten(2).transpose(1, 2))
+    assert encoder(images, (4, 4)).shape == (2, 16, 128)  # another DiT grid: the map is resized
+    with pytest.raises(ValueError, match="3-channel"):
+        encoder.feature_map(torch.zeros(2, 1, 32, 32))
+
+
+def test_fit_classifier_encoder_holds_out_a_stratified_tenth():
+    from dit_hf.repa import fit_classifier_encoder
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(320) % 2
+    # Class 0 dark, class 1 bright, with noise: separable, so the held-out accuracy must be perfect.
+    pixels = (labels.view(-1, 1, 1, 1) * 150 + 40 + torch.randint(0, 60, (320, 1, 8, 8), generator=g)).to(torch.uint8)
+    classifier, accuracy = fit_classifier_encoder(pixels, labels)
+    assert accuracy == 1.0 and classifier.channels == 1 and classifier.resolution == 8
+    shuffled = labels[torch.randperm(320, generator=g)]  # labels that say nothing about the images
+    _, chance = fit_classifier_encoder(pixels, shuffled)
+    assert chance < 0.8
+    with pytest.raises(ValueError, match="has none"):
+        fit_classifier_encoder(pixels, None)
+    with pytest.raises(ValueError, match="uint8"):
+        fit_classifier_encoder(pixels.float(), labels)
+
+
+def test_cached_images_attach_features_only_without_flips():
+    from dit_hf.data import CachedImages
+
+    cached = CachedImages.__new__(CachedImages)
+    cached.pixels = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    cached.labels = torch.arange(4)
+    cached.features = None
+
+    class Flipping:
+        random_flip = True
+
+    cached.transform = Flipping()
+    with pytest.raises(ValueError, match="--no-random_flip"):
+        cached.attach_features(torch.zeros(4, 2, 2, 2))
+    Flipping.random_flip = False
+    with pytest.raises(ValueError, match="features for 3 images"):
+        cached.attach_features(torch.zeros(3, 2, 2, 2))

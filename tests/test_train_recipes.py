@@ -188,3 +188,44 @@ def test_a_recipe_preset_trains_without_an_explicit_patch_size(tmp_path):
     summary = run(tmp_path, *tiny, "--objective", "flow", "--max_train_steps", "1")
     assert summary["steps"] == 1
     assert DiTPipeline.from_pretrained(tmp_path).transformer.config.patch_size == 2
+
+
+def test_repa_classifier_encoder_is_fitted_once_and_its_targets_cached(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import dit_hf.repa as repa
+
+    out = tmp_path / "run"
+    repa_args = ["--repa_encoder", "classifier", "--repa_depth", "1", "--repa_projector_dim", "8"]
+    fitted, batches = [], []
+    fit = repa.fit_classifier_encoder
+    monkeypatch.setattr(repa, "fit_classifier_encoder", lambda *a, **k: fitted.append(1) or fit(*a, **k))
+    loss = repa.REPALoss.loss
+    monkeypatch.setattr(repa.REPALoss, "loss", lambda self, batch, x0: batches.append(batch) or loss(self, batch, x0))
+    run(out, "--max_train_steps", "2", "--checkpointing_steps", "2", *repa_args)
+    assert fitted == [1] and (out / repa.CLASSIFIER_FILE).is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1.0 <= row["repa_loss"] <= 1.0 for row in rows if "loss" in row)
+    # Every batch carried the cached targets: the saved classifier's features of exactly those images.
+    from dit_hf.evaluation import ImageClassifier
+
+    encoder = repa.ClassifierEncoder(ImageClassifier.load(str(out / repa.CLASSIFIER_FILE)))
+    for batch in batches:
+        expected = encoder.feature_map(batch["pixel_values"]).half()
+        assert batch["repa_features"].dtype == torch.float16 and batch["repa_features"].shape == (8, 128, 2, 2)
+        torch.testing.assert_close(batch["repa_features"], expected, atol=2e-3, rtol=2e-3)
+    # A resumed run loads the saved classifier instead of fitting another.
+    saved = load_file(str(out / repa.CLASSIFIER_FILE))
+    run(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *repa_args)
+    assert fitted == [1]
+    assert all(torch.equal(saved[k], v) for k, v in load_file(str(out / repa.CLASSIFIER_FILE)).items())
+
+
+def test_repa_classifier_encoder_needs_cached_pixels(tmp_path):
+    from dit_hf.config import resolve_config
+
+    base = ["--repa_encoder", "classifier", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="--cache_images"):
+        resolve_config([*base, "--no-cache_images"])
+    with pytest.raises(ValueError, match="no --vae"):
+        resolve_config([*base, "--vae", "stabilityai/sd-vae-ft-ema", "--resolution", "64"])

@@ -173,7 +173,12 @@ class TrainConfig:
     )
 
     # ---- REPA
-    repa_encoder: str | None = flag(None, "transformers vision model id or path, e.g. a DINOv2.", REPA)
+    repa_encoder: str | None = flag(
+        None,
+        "transformers vision model id or path, e.g. a DINOv2; or 'classifier': a small CNN fitted on the run's own "
+        "labelled images first (pixel space, with --cache_images).",
+        REPA,
+    )
     repa_depth: int | None = flag(None, "1-based block to align (default: depth // 3).", REPA)
     repa_coeff: float = flag(0.5, "Weight of the alignment loss (REPA: 0.5).", REPA)
     repa_projector_dim: int = flag(2048, None, REPA)
@@ -546,6 +551,12 @@ def validate(config: TrainConfig) -> None:
     _check_positive(config, ("eval_steps", "eval_samples", "eval_batch_size"))
     if config.repa_encoder and not config.repa_coeff > 0:
         raise ValueError(f"--repa_coeff must be > 0 with --repa_encoder, got {config.repa_coeff}.")
+    if config.repa_encoder == "classifier" and (config.vae or not config.cache_images):
+        raise ValueError(
+            "--repa_encoder classifier fits its encoder on the training images held in RAM: it needs pixel-space "
+            "training (no --vae) with --cache_images. For latent diffusion pass a pretrained encoder, e.g. "
+            "--repa_encoder facebook/dinov2-base."
+        )
     if config.max_nonfinite_steps < 1:
         raise ValueError(f"--max_nonfinite_steps must be >= 1, got {config.max_nonfinite_steps}.")
     if not 0 < config.rollback_lr_factor <= 1:

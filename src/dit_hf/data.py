@@ -610,6 +610,17 @@ class CachedImages(torch.utils.data.Dataset):
         self.labels = None
         if dataset.label_column is not None:
             self.labels = torch.tensor(dataset.ds[dataset.label_column], dtype=torch.long)
+        self.features = None
+
+    def attach_features(self, features: torch.Tensor) -> None:
+        """Per-image encoder features `(N, D, h, w)` (REPA targets), returned as `repa_features` with each item.
+
+        Only for runs without random flips: a flipped image's features are not the flipped features."""
+        if self.transform.random_flip:
+            raise ValueError("Cached encoder features need a run without random flips (--no-random_flip).")
+        if len(features) != len(self.pixels):
+            raise ValueError(f"Got features for {len(features)} images, but {len(self.pixels)} are cached.")
+        self.features = features
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -619,6 +630,8 @@ class CachedImages(torch.utils.data.Dataset):
         item = {"pixel_values": pixels.flip(-1) if self.transform.flips([index])[0] else pixels}
         if self.labels is not None:
             item["class_labels"] = self.labels[index]
+        if self.features is not None:
+            item["repa_features"] = self.features[index]
         return item
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -629,6 +642,8 @@ class CachedImages(torch.utils.data.Dataset):
         batch = {"pixel_values": pixels}
         if self.labels is not None:
             batch["class_labels"] = self.labels[index]
+        if self.features is not None:
+            batch["repa_features"] = self.features[index]
         return batch
 
     collate = staticmethod(whole_batch_collate)

@@ -1,6 +1,7 @@
 """Sample quality measures that run offline, and sampling many images in bounded batches."""
 
 import math
+import os
 
 import numpy as np
 import PIL.Image
@@ -158,7 +159,10 @@ class ImageClassifier:
 
         meta = {"channels": str(self.channels), "resolution": str(self.resolution)}
         meta["num_classes"] = str(self.net.head.out_features)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, path, metadata=meta)
+        # Written aside and renamed: a crash mid-write never leaves a truncated file under `path`.
+        temporary = f"{path}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, temporary, metadata=meta)
+        os.replace(temporary, path)
 
     @classmethod
     def load(cls, path: str) -> "ImageClassifier":

@@ -21,6 +21,9 @@ clean image, by the negative cosine similarity `repa_loss`. The training loss be
 With latents cached on disk (no pixels at training time), store `cache_encoder_features(encoder, pixels)` next to
 them and turn each cached map into targets with `feature_map_to_tokens(features, grid_size)`.
 
+`--repa_encoder classifier` needs no pretrained encoder: `ClassifierEncoder` aligns the tokens with the feature map
+of a small CNN that the trainer first fits on the run's own labelled images (`fit_classifier_encoder`).
+
 No pretrained encoder can be downloaded offline: `train_digits_encoder` (or `python -m dit_hf.repa
 make-digits-encoder --output DIR`) trains a tiny DINOv2-architecture classifier on scikit-learn's digits in about a
 minute and saves a folder that `REPAEncoder` loads like a Hub checkpoint. It is a stand-in for DINOv2 on the
@@ -36,6 +39,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +49,18 @@ from torch import nn
 
 from .trainer import AuxiliaryLoss
 
+if TYPE_CHECKING:
+    from .evaluation import ImageClassifier
+
 # The normalisation of DINOv2 and MAE, used when an encoder ships without an image-processor config.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Parameter names of a learned class token: ViT, ViT-MAE and DINOv2 call it `cls_token`, CLIP `class_embedding`.
 CLS_PARAMETER_NAMES = ("cls_token", "class_embedding")
 FEATURE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# `--repa_encoder classifier`: fit a small CNN on the run's own labelled images, saved in the output folder as this.
+CLASSIFIER_ENCODER = "classifier"
+CLASSIFIER_FILE = "repa_classifier.safetensors"
 
 
 def _pair(value) -> tuple[int, int]:
@@ -267,8 +277,83 @@ class REPAEncoder(nn.Module):
         return feature_map_to_tokens(self.feature_map(images), grid_size)
 
 
+class ClassifierEncoder(nn.Module):
+    r"""
+    REPA targets from a small CNN classifier fitted on the run's own labelled images (`--repa_encoder classifier`),
+    for pixel-space data sets that no pretrained encoder covers offline.
+
+    The targets are the feature map of the classifier's last convolution block before its final pooling: 4 × width
+    channels at a quarter of the image side (128 × 8 × 8 for 32 px images with the default width 32), on the token
+    grid of a patch-4 DiT. Supervised features of the data's own classes: they describe a character's strokes, not
+    their colour, which a model that must draw a class's shape in any colour learns slowly from pixels alone
+    (bench/NOTES.md).
+
+    Parameters:
+        classifier ([`~dit_hf.evaluation.ImageClassifier`]): The fitted classifier (see `fit_classifier_encoder`).
+    """
+
+    def __init__(self, classifier):
+        super().__init__()
+        layers = list(classifier.net.features)
+        last_pool = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d))
+        self.body = nn.Sequential(*layers[:last_pool]).eval().requires_grad_(False)
+        self.hidden_size = [layer for layer in self.body if isinstance(layer, nn.Conv2d)][-1].out_channels
+        self.channels = classifier.channels
+        self.input_size = _pair(classifier.resolution)
+
+    def train(self, mode: bool = True) -> "ClassifierEncoder":
+        """Stays in eval mode: batch normalisation uses its fitted statistics, whatever the trainer calls."""
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.body.parameters()).dtype
+
+    @torch.no_grad()
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] -> (B, D, H / 4, W / 4) float32 features (floored by the pooling)."""
+        if images.shape[1] != self.channels or tuple(images.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"The classifier encoder was fitted on {self.channels}-channel {self.input_size} images, got "
+                f"{tuple(images.shape[1:])}: fit it on the data set being trained (delete the saved "
+                f"{CLASSIFIER_FILE} to refit)."
+            )
+        return self.body(images.float())
+
+    def forward(self, images: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] -> (B, h * w, D) targets for a DiT whose token grid is (h, w)."""
+        return feature_map_to_tokens(self.feature_map(images), grid_size)
+
+
+def fit_classifier_encoder(
+    pixels: torch.Tensor, labels: torch.Tensor, seed: int = 0, held_out_fraction: float = 0.1, max_steps: int = 2000
+) -> tuple["ImageClassifier", float]:
+    """Fits the classifier of a [`ClassifierEncoder`] on uint8 images `(N, C, H, W)` and their labels.
+
+    A stratified `held_out_fraction` of each class is kept out to measure it; returns `(classifier, held-out
+    accuracy)`. Training runs the judge's recipe (`ImageClassifier.fit`: AdamW, one-cycle schedule, random shifts
+    of up to 2 px) for 8 epochs or about `max_steps` batches of 64, whichever is fewer: about a minute for 4,000
+    32 px images on two CPU cores.
+    """
+    from .class_probe import stratified_split
+    from .evaluation import ImageClassifier
+
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4:
+        raise ValueError(f"`pixels` must be uint8 (N, C, H, W), got {pixels.dtype} {tuple(pixels.shape)}.")
+    if labels is None or len(labels) != len(pixels):
+        raise ValueError(
+            "--repa_encoder classifier fits a classifier on the training labels, but this data set has none: use "
+            "a labelled data set (an imagefolder with one folder per class) or another --repa_encoder."
+        )
+    fit, held_out = stratified_split(labels.numpy(), held_out_fraction, seed=seed)
+    nhwc = pixels.permute(0, 2, 3, 1).numpy()
+    epochs = max(1, min(8, max_steps * 64 // len(fit)))
+    classifier = ImageClassifier.fit(nhwc[fit], labels.numpy()[fit], epochs=epochs, seed=seed)
+    return classifier, classifier.accuracy(nhwc[held_out], labels.numpy()[held_out])
+
+
 def cache_encoder_features(
-    encoder: REPAEncoder, images: torch.Tensor, storage_dtype: torch.dtype = torch.float16
+    encoder: REPAEncoder | ClassifierEncoder, images: torch.Tensor, storage_dtype: torch.dtype = torch.float16
 ) -> torch.Tensor:
     """Encoder features of a batch of images, to store next to cached latents.
 
@@ -378,8 +463,8 @@ class REPALoss(AuxiliaryLoss):
     the latents) and `weight * repa_loss` of block `depth`'s tokens, logged as `repa_loss`.
 
     Args:
-        encoder (`REPAEncoder`): The frozen vision encoder, on the training device; used when the batch carries no
-            cached `repa_features`.
+        encoder (`REPAEncoder` or `ClassifierEncoder`): The frozen encoder, on the training device; used when the
+            batch carries no cached `repa_features`.
         projector (`REPAProjector`): The trained MLP; checkpointed in the `repa_projector` subfolder.
         depth (`int`): The 1-based DiT block whose output is aligned.
         weight (`float`): `--repa_coeff` (REPA: 0.5).
@@ -388,7 +473,14 @@ class REPALoss(AuxiliaryLoss):
 
     name = "repa"
 
-    def __init__(self, encoder: REPAEncoder, projector: REPAProjector, depth: int, weight: float, patch_size: int):
+    def __init__(
+        self,
+        encoder: REPAEncoder | ClassifierEncoder,
+        projector: REPAProjector,
+        depth: int,
+        weight: float,
+        patch_size: int,
+    ):
         self.encoder = encoder
         self.modules = {"repa_projector": projector}
         self.depth = depth
