@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from dit_hf import DiTModel, DiTPipeline  # noqa: E402
+from dit_hf.class_probe import ClassProbe, fit_probe_on_features  # noqa: E402
 from dit_hf.evaluation import ImageClassifier  # noqa: E402
 from dit_hf.glyphs import make_glyphs_dataset  # noqa: E402
 from dit_hf.metrics import InceptionExtractor, compute_stats, fid_from_stats  # noqa: E402
@@ -81,7 +82,21 @@ def prepare(data_dir: str, resolution: int, channels: int) -> dict:
     else:
         judge = ImageClassifier.fit(*train)
         judge.save(judge_path)
-    return {"train": train, "test": test, "judge": judge, "judge_accuracy": judge.accuracy(*test)}
+    return {"dir": data_dir, "train": train, "test": test, "judge": judge, "judge_accuracy": judge.accuracy(*test)}
+
+
+def inception_probe(data: dict, extractor: InceptionExtractor, num_images: int = 1000) -> ClassProbe:
+    """A second, independent judge: the linear probe of `dit-hf evaluate` on the Inception features of real training
+    images (fitted once, kept beside the data as inception_probe.npz). Unlike the CNN judge it shares neither
+    architecture nor training with anything the trainer may fit (`--repa_encoder classifier`)."""
+    path = os.path.join(data["dir"], "inception_probe.npz")
+    if os.path.isfile(path):
+        return ClassProbe.load(path)
+    images, labels = data["train"]
+    chosen = np.random.default_rng(1).permutation(len(labels))[:num_images]
+    probe = fit_probe_on_features(extractor(images[chosen]), labels[chosen])
+    probe.save(path)
+    return probe
 
 
 def balanced_labels(num_classes: int, n: int) -> list[int]:
@@ -111,15 +126,24 @@ class Scorer:
         real = compute_stats(data["train"][0][train_idx], self.extractor)
         self.real_fid = fid_from_stats(real, self.reference)
         self.num_classes = int(data["train"][1].max()) + 1
+        self.probe = inception_probe(data, self.extractor)
 
     def __call__(self, pipe: DiTPipeline, **call) -> dict:
         labels = balanced_labels(self.num_classes, self.n)
         start = time.perf_counter()
         images = generate(pipe, labels, **call)
         seconds = time.perf_counter() - start
-        fid = fid_from_stats(compute_stats(images, self.extractor), self.reference)
+        stats = compute_stats(images, self.extractor)
+        fid = fid_from_stats(stats, self.reference)
         accuracy = self.data["judge"].accuracy(images, labels)
-        return {"accuracy": accuracy, "fid": fid, "fid_ratio": fid / self.real_fid, "sample_s": round(seconds, 1)}
+        probe_accuracy = self.probe.accuracy(stats, labels)
+        return {
+            "accuracy": accuracy,
+            "probe_accuracy": probe_accuracy,
+            "fid": fid,
+            "fid_ratio": fid / self.real_fid,
+            "sample_s": round(seconds, 1),
+        }
 
 
 def score_checkpoints(run_dir: str, scorer: Scorer) -> list[dict]:
@@ -239,7 +263,11 @@ def eval_main(argv):
     name = os.path.basename(os.path.normpath(args.data))
     data = prepare(args.data, VARIANTS[name]["resolution"], VARIANTS[name]["channels"])
     scorer = Scorer(data, args.num_eval)
-    print(f"judge {data['judge_accuracy']:.1%}, real-vs-real FID {scorer.real_fid:.1f}", flush=True)
+    print(
+        f"judge {data['judge_accuracy']:.1%}, Inception probe {scorer.probe.held_out_accuracy:.1%} on held-out real "
+        f"images, real-vs-real FID {scorer.real_fid:.1f}",
+        flush=True,
+    )
     print("default call:", scorer(DiTPipeline.from_pretrained(args.run_dir), **json.loads(args.call)), flush=True)
     if args.checkpoints:
         score_checkpoints(args.run_dir, scorer)
