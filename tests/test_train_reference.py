@@ -26,6 +26,9 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHORT = [
     "--max_train_steps", "4", "--checkpointing_steps", "2", "--logging_steps", "1", "--report_to", "none",
     "--validation_steps", "0", "--num_inference_steps", "2", "--num_samples_per_class", "1",
+    # One thread, as recorded: otherwise OMP_NUM_THREADS=1 in the environment is raised to the core count (the rule
+    # for `accelerate launch`), and a different summation order changes the last bits.
+    "--cpu_threads", "1",
 ]  # fmt: skip
 # REPA on a 2-block DiT of width 32 with a tiny DINOv2 (tests/test_train_recipes.py), 32 digits.
 TINY_REPA = ["--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--train_batch_size", "8",
