@@ -310,11 +310,7 @@ def sample_for_eval(
     height, width = _eval_image_size(pipe)
 
     settings = {
-        "pipeline": source,
-        "weights": weights,
-        "weights_sha256": fingerprint(pipe.transformer, pipe.vae),
-        "scheduler": type(pipe.scheduler).__name__,
-        "scheduler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+        **_pipeline_record(pipe, source, weights),
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
@@ -344,6 +340,17 @@ def sample_for_eval(
         write_npz(npz_path, [png(i) for i in range(num_samples)], class_labels, (height, width))
     state.wait_for_everyone()
     return npz_path
+
+
+def _pipeline_record(pipe: DiTPipeline, source: str, weights: str) -> dict:
+    """What `sample_eval.json` records of the pipeline: where it came from, its weights' hash and its scheduler."""
+    return {
+        "pipeline": source,
+        "weights": weights,
+        "weights_sha256": fingerprint(pipe.transformer, pipe.vae),
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+    }
 
 
 def _open_out_dir(state: PartialState, out_dir: str, settings: dict, overwrite: bool) -> None:
