@@ -58,8 +58,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Parameter names of a learned class token: ViT, ViT-MAE and DINOv2 call it `cls_token`, CLIP `class_embedding`.
 CLS_PARAMETER_NAMES = ("cls_token", "class_embedding")
 FEATURE_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# `--repa_encoder classifier`: fit a small CNN on the run's own labelled images, saved in the output folder as this.
-CLASSIFIER_ENCODER = "classifier"
+# `--repa_encoder classifier`: a small CNN fitted on the run's own labelled images, saved in the output folder as this.
 CLASSIFIER_FILE = "repa_classifier.safetensors"
 
 
