@@ -304,10 +304,6 @@ class ClassifierEncoder(nn.Module):
         """Stays in eval mode: batch normalisation uses its fitted statistics, whatever the trainer calls."""
         return super().train(False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.body.parameters()).dtype
-
     @torch.no_grad()
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images in [-1, 1] -> (B, D, H / 4, W / 4) float32 features (floored by the pooling)."""
