@@ -362,15 +362,37 @@ def build_dataloader(config: TrainConfig, dataset) -> tuple[EpochSampler, torch.
     return sampler, dataloader
 
 
-def build_repa_encoder(config: TrainConfig, accelerator, images=None):
-    if not config.repa_encoder:
+def repa_encoder_name(config: TrainConfig, num_classes: int) -> str | None:
+    """--repa_encoder as this run uses it. `auto` (the small recipe's) means the fitted classifier where it can be
+    fitted (pixel space, images cached in RAM, at least two classes), else no REPA; the choice is logged."""
+    if config.repa_encoder != "auto":
+        return config.repa_encoder
+    reasons = [
+        reason
+        for reason, applies in (
+            ("the data set has no class labels" if num_classes == 0 else "the data set has one class", num_classes < 2),
+            ("training runs on --vae latents", bool(config.vae)),
+            ("the images are not cached in RAM (--no-cache_images)", not config.cache_images),
+        )
+        if applies
+    ]
+    if reasons:
+        logger.info("--repa_encoder auto: no REPA, because %s.", " and ".join(reasons))
         return None
-    if config.repa_encoder == "classifier":
+    logger.info("--repa_encoder auto: REPA towards a CNN fitted on the %d labelled classes (classifier).", num_classes)
+    return "classifier"
+
+
+def build_repa_encoder(config: TrainConfig, accelerator, images=None, num_classes: int = 0):
+    name = repa_encoder_name(config, num_classes)
+    if not name:
+        return None
+    if name == "classifier":
         return build_classifier_encoder(config, accelerator, images)
     from dit_hf.repa import REPAEncoder
 
     dtype = PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
-    return REPAEncoder(config.repa_encoder, dtype=dtype, cache_dir=config.cache_dir).to(accelerator.device)
+    return REPAEncoder(name, dtype=dtype, cache_dir=config.cache_dir).to(accelerator.device)
 
 
 MAX_CACHED_FEATURES_BYTES = 2 * 2**30
@@ -401,6 +423,45 @@ def build_classifier_encoder(config: TrainConfig, accelerator, images):
         images.attach_features(torch.cat([cache_encoder_features(encoder, batch) for batch in pixels]))
         logger.info("REPA targets of the %d images cached in RAM (%.1f MiB)", n, size / 2**20)
     return encoder
+
+
+def build_guidance_search(config: TrainConfig, accelerator, encoder, images):
+    """--guidance_search: the run's fitted classifier and its feature statistics on the training images (main
+    process), or None where the run fitted no classifier (the search is then skipped, and logged)."""
+    if not config.guidance_search or not accelerator.is_main_process:
+        return None
+    from dit_hf.evaluation import ImageClassifier
+    from dit_hf.guidance_search import GuidanceSearch
+    from dit_hf.repa import CLASSIFIER_FILE, ClassifierEncoder
+
+    if not isinstance(encoder, ClassifierEncoder):
+        logger.info(
+            "--guidance_search skipped: it scores samples with the classifier of --repa_encoder classifier (or auto "
+            "on labelled pixel data), which this run does not fit; the pipeline keeps --guidance_scale %s.",
+            config.guidance_scale,
+        )
+        return None
+    classifier = ImageClassifier.load(os.path.join(config.output_dir, CLASSIFIER_FILE))
+    return GuidanceSearch.from_images(classifier, images.pixels, seed=config.seed)
+
+
+def search_default_guidance(pipe, search, config: TrainConfig, num_classes: int) -> dict:
+    """Samples the final EMA at each --guidance_search scale, keeps the chosen one as the pipeline's default."""
+    from dit_hf.guidance_search import choose_guidance
+
+    start = time.perf_counter()
+    pipe.set_progress_bar_config(disable=True)
+    trials = search.run(pipe, num_classes, config.guidance_search, config.guidance_search_samples,
+                        config.eval_batch_size, seed=config.seed)  # fmt: skip
+    chosen = choose_guidance(trials)
+    pipe.register_to_config(default_guidance_scale=chosen.scale)
+    logger.info(
+        "Guidance search (%d samples per scale, %.0f s): %s; the pipeline's default guidance scale is %s",
+        config.guidance_search_samples, time.perf_counter() - start,
+        ", ".join(f"{t.scale:g}: accuracy {t.accuracy:.1%}, feature distance {t.feature_distance:.2f}" for t in trials),
+        chosen.scale,
+    )  # fmt: skip
+    return {"chosen": chosen.scale, "trials": [trial.as_dict() for trial in trials]}
 
 
 def build_aux_losses(config: TrainConfig, model: DiTModel, encoder) -> list:
@@ -443,20 +504,28 @@ def run_record(config: TrainConfig, accelerator, max_train_steps: int) -> dict:
     return {**config.to_dict(), "mixed_precision": accelerator.mixed_precision, "max_train_steps": max_train_steps}
 
 
-def export(trainer: Trainer, sampling: Sampling, data: Data, hooks: dict, start_time: float) -> dict:
-    """On the main process: one pipeline with the first EMA rate (the other rates as extra transformer folders),
-    the final sample grid, the digits accuracy, summary.json and the Hub push."""
+def export(
+    trainer: Trainer, sampling: Sampling, data: Data, hooks: dict, start_time: float, search=None
+) -> dict:
+    """On the main process: one pipeline with the first EMA rate (the other rates as extra transformer folders) and,
+    with `search`, the guidance scale it chose as its default; the final sample grid, the digits accuracy,
+    summary.json and the Hub push."""
     config, accelerator, step = trainer.config, trainer.accelerator, trainer.state.global_step
     summary = {"steps": step, "output_dir": config.output_dir}
     if not accelerator.is_main_process:
         return summary
     pipe = sampling.pipeline(trainer.ema_model(0))
+    if search is not None and data.num_classes:
+        summary["guidance_search"] = search_default_guidance(pipe.to(accelerator.device), search, config,
+                                                             data.num_classes)  # fmt: skip
     with reporting_write_failures(config.output_dir, "the final pipeline"):  # checkpoints stay intact
         pipe.save_pretrained(config.output_dir)
         for i, decay in enumerate(trainer.ema.decays[1:], start=1):
             trainer.ema_model(i).save_pretrained(os.path.join(config.output_dir, export_folder_name(decay)))
     all_classes = list(range(data.num_classes)) if data.num_classes else None
-    images, labels, grid = sample_grid(pipe, all_classes, config.num_samples_per_class, config, accelerator.device)
+    images, labels, grid = sample_grid(
+        pipe, all_classes, config.num_samples_per_class, config, accelerator.device, pipe.config.default_guidance_scale
+    )
     grid_path = os.path.join(config.output_dir, "samples.png")
     grid.save(grid_path)
     log_image(accelerator, grid, step, name="final_samples")
@@ -516,7 +585,8 @@ def train(config: TrainConfig) -> dict:
     vae = load_vae(config, torch.float32) if config.vae else None
     geometry, flops_per_sample = plan_geometry(config, vae, accelerator, len(data.ds))
     images = build_image_dataset(config, data)
-    encoder = build_repa_encoder(config, accelerator, images)
+    encoder = build_repa_encoder(config, accelerator, images, data.num_classes)
+    search = build_guidance_search(config, accelerator, encoder, images)
     dataset, latents = latent_data(config, accelerator, data, images, vae, geometry.in_channels, encoder)
     sampler, dataloader = build_dataloader(config, dataset)
 
@@ -577,7 +647,7 @@ def train(config: TrainConfig) -> dict:
     if state.global_step < max_train_steps:  # a hook stopped the run (e.g. preemption) after its checkpoint
         summary = {"steps": state.global_step, "output_dir": config.output_dir, "stopped": True}
     else:
-        summary = export(trainer, sampling, data, hooks, start_time)
+        summary = export(trainer, sampling, data, hooks, start_time, search)
     accelerator.end_training()
     return summary
 

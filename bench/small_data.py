@@ -188,6 +188,10 @@ def bench_variant(name: str, args) -> dict:
         final = scorer(DiTPipeline.from_pretrained(out_dir))
         print(f"{name} {run}: {seconds:.0f} s, default call {final}", flush=True)
         result[run] = {"wall_s": round(seconds, 1), "final": final, "steps": score_checkpoints(out_dir, scorer)}
+        with open(os.path.join(out_dir, "summary.json")) as f:
+            search = json.load(f).get("guidance_search")
+        if search:  # checkpoints and the final call all sample at the scale the trainer chose
+            result[run]["guidance_search"] = search
     return result
 
 
@@ -213,6 +217,13 @@ def write_results(results: list[dict], path: str) -> None:
                 lines.append(
                     f"| {r['variant']} | {run} | {row['step']} | {row['accuracy']:.1%} | {row['fid']:.1f} | "
                     f"{row['fid_ratio']:.2f} | {r[run]['wall_s'] / 60:.1f} min |"
+                )
+            search = r[run].get("guidance_search")
+            if search:
+                trials = ", ".join(f"{t['scale']:g}: {t['accuracy']:.1%}" for t in search["trials"])
+                lines.append(
+                    f"| {r['variant']} | {run}: guidance {search['chosen']:g} chosen by the trainer's CNN "
+                    f"({trials}) | | | | | |"
                 )
         lines.append(
             f"| {r['variant']} | real vs real | | {r['judge_accuracy']:.1%} (judge) | {r['real_fid']:.1f} | 1 | |"

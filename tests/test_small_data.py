@@ -1,5 +1,6 @@
 """The offline glyphs data set, its judge, the small-data recipe and EMA warm-up."""
 
+import glob
 import logging
 import os
 import sys
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from diffusers import FlowMatchHeunDiscreteScheduler
 
 from dit_hf import DiTPipeline
@@ -103,6 +105,8 @@ def test_small_data_recipe_is_picked_for_a_folder_of_small_images(tmp_path):
     assert (args.recipe, args.resolution, args.image_channels, args.patch_size) == ("small", 16, 1, 2)
     assert (args.objective, args.learn_sigma, args.ema_warmup, args.random_flip) == ("flow_x", False, True, False)
     assert (args.sample_scheduler, args.guidance_scale, args.guidance_interval) == ("euler", 4.0, [0.2, 0.8])
+    assert (args.repa_encoder, args.repa_projector_dim, args.repa_coeff) == ("auto", 256, 2.0)
+    assert args.guidance_search == [4.0, 6.0, 8.0, 12.0]
     # An explicit flag wins over the recipe, and a sampler that cannot sample the objective is refused.
     args = train_dit.parse_args(
         ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), "--objective", "ddpm_eps"]
@@ -112,6 +116,88 @@ def test_small_data_recipe_is_picked_for_a_folder_of_small_images(tmp_path):
         train_dit.parse_args(
             ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), "--sample_scheduler", "ddim"]
         )
+
+
+def test_small_recipe_aligns_with_a_fitted_classifier_only_where_one_can_be_fitted(tmp_path, caplog):
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=20, num_test=10)
+    base = ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "out")]
+    auto = train_dit.parse_args(base)
+    PartialState()  # the trainer's logger needs accelerate's state
+    caplog.set_level(logging.INFO, logger="train_dit")
+    assert train_dit.repa_encoder_name(auto, 10) == "classifier"
+    for num_classes, reason in ((0, "no class labels"), (1, "one class")):
+        caplog.clear()
+        assert train_dit.repa_encoder_name(auto, num_classes) is None
+        assert reason in caplog.text
+    uncached = train_dit.parse_args([*base, "--no-cache_images"])  # `classifier` itself refuses this combination
+    assert train_dit.repa_encoder_name(uncached, 10) is None and "--no-cache_images" in caplog.text
+    latent = train_dit.parse_args([*base, "--recipe", "small", "--vae", "x", "--resolution", "16"])
+    assert (latent.repa_encoder, train_dit.repa_encoder_name(latent, 10)) == ("auto", None)
+    # Named by the user, an encoder is used as given (and `classifier` on unlabelled data is refused when fitted).
+    named = train_dit.parse_args([*base, "--repa_encoder", "classifier"])
+    assert train_dit.repa_encoder_name(named, 0) == "classifier"
+    assert train_dit.repa_encoder_name(train_dit.parse_args(base + ["--repa_encoder", "facebook/dinov2-small"]), 0) == (
+        "facebook/dinov2-small"
+    )
+    assert train_dit.parse_args([*base, "--repa_encoder", "none"]).repa_encoder is None
+
+
+def test_small_recipe_trains_with_repa_on_a_labelled_folder_and_without_on_an_unlabelled_one(tmp_path):
+    import json
+    import shutil
+
+    from dit_hf.repa import CLASSIFIER_FILE
+
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=30, num_test=10)
+    flat = tmp_path / "flat"  # the same images, no class folders
+    flat.mkdir()
+    for i, path in enumerate(sorted(glob.glob(os.path.join(paths["train"], "*", "*.png")))):
+        shutil.copy(path, flat / f"{i:03d}.png")
+    tiny = ["--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--train_batch_size", "8"]
+    tiny += ["--report_to", "none", "--max_train_steps", "2", "--num_inference_steps", "2"]
+    tiny += ["--guidance_search_samples", "10"]
+    aligned, searched = {}, {}
+    for name, folder in (("labelled", paths["train"]), ("unlabelled", str(flat))):
+        out = tmp_path / name
+        train_dit.main(train_dit.parse_args(["--train_data_dir", folder, "--output_dir", str(out), *tiny]))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        aligned[name] = ((out / CLASSIFIER_FILE).is_file(), any("repa_loss" in row for row in rows if "loss" in row))
+        summary = json.loads((out / "summary.json").read_text())
+        searched[name] = [trial["scale"] for trial in summary.get("guidance_search", {}).get("trials", [])]
+    assert aligned == {"labelled": (True, True), "unlabelled": (False, False)}
+    # The guidance search needs the fitted classifier: the recipe's scales on labelled data, none without labels.
+    assert searched == {"labelled": [4.0, 6.0, 8.0, 12.0], "unlabelled": []}
+
+
+def test_guidance_search_stores_the_chosen_scale_as_the_pipeline_default(tmp_path, monkeypatch):
+    import json
+
+    import dit_hf.guidance_search as guidance_search
+
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=30, num_test=10)
+    tiny = ["--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--train_batch_size", "8"]
+    tiny += ["--report_to", "none", "--max_train_steps", "2", "--num_inference_steps", "2"]
+    tiny += ["--guidance_search", "1", "3", "--guidance_search_samples", "10"]
+    seen = []
+    # Whatever the two-step model scores, the trial the rule returns is what the pipeline keeps.
+    monkeypatch.setattr(guidance_search, "choose_guidance", lambda trials: seen.append(trials) or trials[-1])
+    out = tmp_path / "out"
+    train_dit.main(train_dit.parse_args(["--train_data_dir", paths["train"], "--output_dir", str(out), *tiny]))
+    (trials,) = seen
+    assert [t.scale for t in trials] == [1.0, 3.0]
+    assert all(0 <= t.accuracy <= 1 and t.feature_distance >= 0 for t in trials)
+    assert DiTPipeline.from_pretrained(out).config.default_guidance_scale == 3.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["guidance_search"]["chosen"] == 3.0 and len(summary["guidance_search"]["trials"]) == 2
+    # A scale given on the command line is kept: no search.
+    base = ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o")]
+    assert train_dit.parse_args([*base, "--guidance_scale", "2"]).guidance_search is None
+    assert train_dit.parse_args([*base, "--guidance_scale", "2", "--guidance_search", "2", "5"]).guidance_search == [
+        2.0,
+        5.0,
+    ]
+    with pytest.raises(ValueError, match="guidance_scale"):
+        train_dit.parse_args([*base, "--guidance_search", "4", "nan"])
 
 
 def test_paper_recipe_on_a_cpu_is_refused_when_picked_automatically(tmp_path, monkeypatch):

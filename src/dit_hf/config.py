@@ -175,8 +175,9 @@ class TrainConfig:
     # ---- REPA
     repa_encoder: str | None = flag(
         None,
-        "transformers vision model id or path, e.g. a DINOv2; or 'classifier': a small CNN fitted on the run's own "
-        "labelled images first (pixel space, with --cache_images).",
+        "transformers vision model id or path, e.g. a DINOv2; 'classifier': a small CNN fitted on the run's own "
+        "labelled images first (pixel space, with --cache_images); 'auto' (the small recipe's): the classifier where "
+        "the data allow it, else no REPA; 'none': no REPA.",
         REPA,
     )
     repa_depth: int | None = flag(None, "1-based block to align (default: depth // 3).", REPA)
@@ -251,6 +252,15 @@ class TrainConfig:
         nargs=2,
         metavar=("LOW", "HIGH"),
     )
+    guidance_search: list[float] | None = flag(
+        None,
+        "Guidance scales to try on the final EMA, scored by the run's fitted classifier (labelled pixel data with "
+        "--repa_encoder classifier or auto); the best becomes the saved pipeline's default (dit_hf.guidance_search). "
+        "Off unless the recipe sets it; --guidance_scale alone turns it off.",
+        nargs="+",
+        metavar="SCALE",
+    )
+    guidance_search_samples: int = flag(200, "Class-balanced samples per scale of --guidance_search.")
     eval_steps: int | None = flag(None, "FID of EMA samples every K steps (off).")
     eval_samples: int = flag(256, "Samples per evaluation.")
     eval_reference: str | None = flag(
@@ -447,6 +457,10 @@ def _derive(values: dict, explicit: set[str], native: int | None, native_channel
         values["learn_sigma"] = values["objective"] not in FLOW_OBJECTIVES
     if values["push_to_hub"] and not values["hub_model_id"]:
         values["hub_model_id"] = os.path.basename(os.path.normpath(values["output_dir"]))
+    if "guidance_scale" in explicit and "guidance_search" not in explicit:
+        values["guidance_search"] = None  # a scale the user chose is the one the pipeline keeps
+    if values["repa_encoder"] in ("", "none"):  # turns the recipe's REPA off
+        values["repa_encoder"] = None
     if values["repa_encoder"] and values["repa_depth"] is None:
         depth = values["depth"] or {**DIT_PRESETS, **RECIPE_PRESETS}[values["model"]]["depth"]
         values["repa_depth"] = max(1, depth // 3)
@@ -528,6 +542,9 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--max_train_steps must be >= 1, got {config.max_train_steps}.")
     parse_ema_decays(config.ema_decay)  # raises with the fix on a bad spec
     check_guidance_scale(config.guidance_scale)  # NaN / inf would only show as black grids after training
+    for scale in config.guidance_search or ():
+        check_guidance_scale(scale)
+    _check_positive(config, ("guidance_search_samples",))
     if config.guidance_interval is not None and not (
         len(config.guidance_interval) == 2 and 0 <= config.guidance_interval[0] <= config.guidance_interval[1] <= 1
     ):

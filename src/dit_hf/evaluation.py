@@ -175,15 +175,25 @@ class ImageClassifier:
         net.load_state_dict(state)
         return cls(net, int(meta["channels"]), int(meta["resolution"]))
 
-    @torch.no_grad()
-    def predict(self, images, batch_size: int = 256) -> np.ndarray:
+    def _checked_tensor(self, images) -> torch.Tensor:
         x = images_to_tensor(images)
         if x.shape[1] != self.channels or x.shape[-1] != self.resolution:
             raise ValueError(
                 f"The classifier was fitted on {self.channels}-channel {self.resolution} px images, got "
                 f"{x.shape[1]}-channel {x.shape[-1]} px: resize or convert the samples."
             )
+        return x
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int = 256) -> np.ndarray:
+        x = self._checked_tensor(images)
         return torch.cat([self.net(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
+
+    @torch.no_grad()
+    def features(self, images, batch_size: int = 256) -> np.ndarray:
+        """The pooled features before the linear head, (N, 4 × width) float32: what a Fréchet distance compares."""
+        x = self._checked_tensor(images)
+        return torch.cat([self.net.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
     def accuracy(self, images, labels) -> float:
         if len(images) != len(labels):

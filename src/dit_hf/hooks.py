@@ -65,8 +65,9 @@ def make_pipeline(model, objective, vae, id2label, config, latent_norm=None) -> 
     )
 
 
-def sample_grid(pipe, classes: list[int] | None, per_class: int, config, device, seed: int = 0):
-    """One row per class (or one row of unconditional samples), same seed every time."""
+def sample_grid(pipe, classes: list[int] | None, per_class: int, config, device, guidance_scale=None, seed: int = 0):
+    """One row per class (or one row of unconditional samples), same seed every time; at `guidance_scale` (default:
+    --guidance_scale)."""
     from .evaluation import sample_in_batches
 
     pipe.to(device)
@@ -77,7 +78,8 @@ def sample_grid(pipe, classes: list[int] | None, per_class: int, config, device,
                    generator=generator)  # fmt: skip
     if classes:
         labels = [c for c in classes for _ in range(per_class)]
-        images = sample_in_batches(pipe, labels, guidance_scale=config.guidance_scale, **batches)
+        scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        images = sample_in_batches(pipe, labels, guidance_scale=scale, **batches)
     else:
         labels = None
         images = sample_in_batches(pipe, num_images=per_class, **batches)
