@@ -409,9 +409,12 @@ def build_classifier_encoder(config: TrainConfig, accelerator, images):
         start = time.perf_counter()
         classifier, accuracy = fit_classifier_encoder(images.pixels, images.labels, seed=config.seed)
         classifier.save(path)
+        checked = "no class has two images to hold one out" if math.isnan(accuracy) else (
+            f"{accuracy:.1%} accurate on a held-out tenth of them"
+        )  # fmt: skip
         logger.info(
-            "REPA encoder: a CNN fitted on the training images in %.0f s, %.1f%% accurate on a held-out tenth of "
-            "them; saved as %s", time.perf_counter() - start, 100 * accuracy, path,
+            "REPA encoder: a CNN fitted on the training images in %.0f s, %s; saved as %s",
+            time.perf_counter() - start, checked, path,
         )  # fmt: skip
     accelerator.wait_for_everyone()
     encoder = ClassifierEncoder(ImageClassifier.load(path)).to(accelerator.device)

@@ -424,6 +424,12 @@ def test_fit_classifier_encoder_holds_out_a_stratified_tenth():
     shuffled = labels[torch.randperm(320, generator=g)]  # labels that say nothing about the images
     _, chance = fit_classifier_encoder(pixels, shuffled)
     assert chance < 0.8
+    # A class of one image (a user's folder may have one) is fitted whole instead of stopping the run.
+    rare = torch.cat([labels[:-1], torch.tensor([2])])
+    classifier, accuracy = fit_classifier_encoder(pixels, rare)
+    assert classifier.net.head.out_features == 3 and accuracy == 1.0
+    _, unchecked = fit_classifier_encoder(pixels[:3], torch.tensor([0, 1, 2]))
+    assert unchecked != unchecked  # NaN: nothing to hold out
     with pytest.raises(ValueError, match="has none"):
         fit_classifier_encoder(pixels, None)
     with pytest.raises(ValueError, match="uint8"):

@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -325,8 +326,8 @@ def fit_classifier_encoder(
 ) -> tuple["ImageClassifier", float]:
     """Fits the classifier of a [`ClassifierEncoder`] on uint8 images `(N, C, H, W)` and their labels.
 
-    A stratified `held_out_fraction` of each class is kept out to measure it; returns `(classifier, held-out
-    accuracy)`. Training runs the judge's recipe (`ImageClassifier.fit`: AdamW, one-cycle schedule, random shifts
+    A stratified `held_out_fraction` of each class is kept out to measure it (classes of one image are fitted
+    whole); returns `(classifier, held-out accuracy)`, the accuracy NaN where no class has two images. Training runs the judge's recipe (`ImageClassifier.fit`: AdamW, one-cycle schedule, random shifts
     of up to 2 px) for 8 epochs or about `max_steps` batches of 64, whichever is fewer: about a minute for 4,000
     32 px images on two CPU cores.
     """
@@ -340,11 +341,21 @@ def fit_classifier_encoder(
             "--repa_encoder classifier fits a classifier on the training labels, but this data set has none: use "
             "a labelled data set (an imagefolder with one folder per class) or another --repa_encoder."
         )
-    fit, held_out = stratified_split(labels.numpy(), held_out_fraction, seed=seed)
+    labels = labels.numpy()
+    # A class with a single image cannot spare one to hold out: it is all fitted, and the check uses the others.
+    counts = np.bincount(labels)
+    splittable = np.flatnonzero(counts[labels] >= 2)
+    held_out = np.zeros(0, dtype=np.int64)
+    if len(splittable):
+        _, held = stratified_split(labels[splittable], held_out_fraction, seed=seed)
+        held_out = splittable[held]
+    fit = np.setdiff1d(np.arange(len(labels)), held_out)
     nhwc = pixels.permute(0, 2, 3, 1).numpy()
     epochs = max(1, min(8, max_steps * 64 // len(fit)))
-    classifier = ImageClassifier.fit(nhwc[fit], labels.numpy()[fit], epochs=epochs, seed=seed)
-    return classifier, classifier.accuracy(nhwc[held_out], labels.numpy()[held_out])
+    classifier = ImageClassifier.fit(nhwc[fit], labels[fit], epochs=epochs, seed=seed)
+    if not len(held_out):
+        return classifier, float("nan")
+    return classifier, classifier.accuracy(nhwc[held_out], labels[held_out])
 
 
 def cache_encoder_features(
