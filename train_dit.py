@@ -367,15 +367,13 @@ def repa_encoder_name(config: TrainConfig, num_classes: int) -> str | None:
     fitted (pixel space, images cached in RAM, at least two classes), else no REPA; the choice is logged."""
     if config.repa_encoder != "auto":
         return config.repa_encoder
-    reasons = [
-        reason
-        for reason, applies in (
-            ("the data set has no class labels" if num_classes == 0 else "the data set has one class", num_classes < 2),
-            ("training runs on --vae latents", bool(config.vae)),
-            ("the images are not cached in RAM (--no-cache_images)", not config.cache_images),
-        )
-        if applies
-    ]
+    reasons = []
+    if num_classes < 2:
+        reasons.append("the data set has no class labels" if num_classes == 0 else "the data set has one class")
+    if config.vae:
+        reasons.append("training runs on --vae latents")
+    if not config.cache_images:
+        reasons.append("the images are not cached in RAM (--no-cache_images)")
     if reasons:
         logger.info("--repa_encoder auto: no REPA, because %s.", " and ".join(reasons))
         return None
@@ -458,11 +456,10 @@ def search_default_guidance(pipe, search, config: TrainConfig, num_classes: int)
                         config.eval_batch_size, seed=config.seed)  # fmt: skip
     chosen = choose_guidance(trials)
     pipe.register_to_config(default_guidance_scale=chosen.scale)
+    scores = (f"{t.scale:g}: accuracy {t.accuracy:.1%}, feature distance {t.feature_distance:.2f}" for t in trials)
     logger.info(
         "Guidance search (%d samples per scale, %.0f s): %s; the pipeline's default guidance scale is %s",
-        config.guidance_search_samples, time.perf_counter() - start,
-        ", ".join(f"{t.scale:g}: accuracy {t.accuracy:.1%}, feature distance {t.feature_distance:.2f}" for t in trials),
-        chosen.scale,
+        config.guidance_search_samples, time.perf_counter() - start, ", ".join(scores), chosen.scale,
     )  # fmt: skip
     return {"chosen": chosen.scale, "trials": [trial.as_dict() for trial in trials]}
 
@@ -507,9 +504,7 @@ def run_record(config: TrainConfig, accelerator, max_train_steps: int) -> dict:
     return {**config.to_dict(), "mixed_precision": accelerator.mixed_precision, "max_train_steps": max_train_steps}
 
 
-def export(
-    trainer: Trainer, sampling: Sampling, data: Data, hooks: dict, start_time: float, search=None
-) -> dict:
+def export(trainer: Trainer, sampling: Sampling, data: Data, hooks: dict, start_time: float, search=None) -> dict:
     """On the main process: one pipeline with the first EMA rate (the other rates as extra transformer folders) and,
     with `search`, the guidance scale it chose as its default; the final sample grid, the digits accuracy,
     summary.json and the Hub push."""

@@ -136,9 +136,9 @@ def test_small_recipe_aligns_with_a_fitted_classifier_only_where_one_can_be_fitt
     # Named by the user, an encoder is used as given (and `classifier` on unlabelled data is refused when fitted).
     named = train_dit.parse_args([*base, "--repa_encoder", "classifier"])
     assert train_dit.repa_encoder_name(named, 0) == "classifier"
-    assert train_dit.repa_encoder_name(train_dit.parse_args(base + ["--repa_encoder", "facebook/dinov2-small"]), 0) == (
-        "facebook/dinov2-small"
-    )
+    assert train_dit.repa_encoder_name(
+        train_dit.parse_args(base + ["--repa_encoder", "facebook/dinov2-small"]), 0
+    ) == ("facebook/dinov2-small")
     assert train_dit.parse_args([*base, "--repa_encoder", "none"]).repa_encoder is None
 
 

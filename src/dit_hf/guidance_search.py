@@ -78,7 +78,13 @@ class GuidanceSearch:
         for scale in scales:
             generator = torch.Generator().manual_seed(seed)
             images = sample_in_batches(
-                pipe, labels, batch_size=batch_size, guidance_scale=scale, generator=generator, output_type="np", **call
+                pipe,
+                labels,
+                batch_size=batch_size,
+                guidance_scale=scale,
+                generator=generator,
+                output_type="np",
+                **call,
             )
             trials.append(self.score((images * 255).round().astype(np.uint8), labels, scale))
         return trials

@@ -327,9 +327,9 @@ def fit_classifier_encoder(
     """Fits the classifier of a [`ClassifierEncoder`] on uint8 images `(N, C, H, W)` and their labels.
 
     A stratified `held_out_fraction` of each class is kept out to measure it (classes of one image are fitted
-    whole); returns `(classifier, held-out accuracy)`, the accuracy NaN where no class has two images. Training runs the judge's recipe (`ImageClassifier.fit`: AdamW, one-cycle schedule, random shifts
-    of up to 2 px) for 8 epochs or about `max_steps` batches of 64, whichever is fewer: about a minute for 4,000
-    32 px images on two CPU cores.
+    whole); returns `(classifier, held-out accuracy)`, the accuracy NaN where no class has two images. Training runs
+    the judge's recipe (`ImageClassifier.fit`: AdamW, one-cycle schedule, random shifts of up to 2 px) for 8 epochs
+    or about `max_steps` batches of 64, whichever is fewer: about a minute for 4,000 32 px images on two CPU cores.
     """
     from .class_probe import stratified_split
     from .evaluation import ImageClassifier
