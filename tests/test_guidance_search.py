@@ -53,9 +53,9 @@ def test_guidance_search_reference_is_a_seeded_subset_of_large_training_sets(gly
     monkeypatch.setattr(module, "REFERENCE_IMAGES", 100)
     first, again = GuidanceSearch.from_images(classifier, pixels), GuidanceSearch.from_images(classifier, pixels)
     other = GuidanceSearch.from_images(classifier, pixels, seed=1)
-    np.testing.assert_array_equal(first.reference_cov, again.reference_cov)
-    assert not np.allclose(first.reference_mean, whole.reference_mean)
-    assert not np.allclose(first.reference_mean, other.reference_mean)
+    np.testing.assert_array_equal(first.reference.sigma, again.reference.sigma)
+    assert not np.allclose(first.reference.mu, whole.reference.mu)
+    assert not np.allclose(first.reference.mu, other.reference.mu)
     subset = pixels[torch.randperm(400, generator=torch.Generator().manual_seed(0))[:100].sort().values]
     expected = classifier.features(subset.permute(0, 2, 3, 1).numpy()).mean(axis=0)
-    np.testing.assert_allclose(first.reference_mean, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first.reference.mu, expected, rtol=1e-5, atol=1e-6)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .evaluation import ImageClassifier, sample_in_batches
-from .metrics import as_uint8_nhwc, frechet_distance
+from .metrics import FeatureStats, as_uint8_nhwc, fid_from_stats
 
 REFERENCE_IMAGES = 2000  # training images whose CNN features make the reference statistics
 
@@ -38,20 +38,12 @@ class GuidanceTrial:
         return asdict(self)
 
 
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"Need (N >= 2, D) features for statistics, got shape {features.shape}.")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
 @dataclass
 class GuidanceSearch:
     """The run's classifier and the statistics of its features on the training images."""
 
     classifier: ImageClassifier
-    reference_mean: np.ndarray
-    reference_cov: np.ndarray
+    reference: FeatureStats
 
     @classmethod
     def from_images(cls, classifier: ImageClassifier, pixels: torch.Tensor, seed: int = 0) -> "GuidanceSearch":
@@ -59,13 +51,13 @@ class GuidanceSearch:
         if len(pixels) > REFERENCE_IMAGES:
             chosen = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))[:REFERENCE_IMAGES]
             pixels = pixels[chosen.sort().values]
-        mean, cov = feature_statistics(classifier.features(pixels.permute(0, 2, 3, 1).numpy()))
-        return cls(classifier, mean, cov)
+        features = classifier.features(pixels.permute(0, 2, 3, 1).numpy())
+        return cls(classifier, FeatureStats.from_features(features, keep_features=False))
 
     def score(self, images, labels: list[int], scale: float) -> GuidanceTrial:
         images = as_uint8_nhwc(images)
-        mean, cov = feature_statistics(self.classifier.features(images))
-        distance = frechet_distance(mean, cov, self.reference_mean, self.reference_cov)
+        samples = FeatureStats.from_features(self.classifier.features(images), keep_features=False)
+        distance = fid_from_stats(samples, self.reference)
         return GuidanceTrial(float(scale), self.classifier.accuracy(images, labels), float(distance))
 
     def run(
