@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
@@ -146,10 +147,14 @@ def load_vae(config: TrainConfig, dtype):
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    fp8 = requested_precision(config) == "fp8"
+    precision = requested_precision(config)
+    fp8 = precision == "fp8"
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != precision:
+        AcceleratorState._reset_state()  # an earlier run in this process (a notebook, a test) used another precision
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision,
         log_with=config.trackers,
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
@@ -454,7 +459,7 @@ def search_default_guidance(pipe, search, config: TrainConfig, num_classes: int)
     pipe.set_progress_bar_config(disable=True)
     trials = search.run(pipe, num_classes, config.guidance_search, config.guidance_search_samples,
                         config.eval_batch_size, seed=config.seed)  # fmt: skip
-    chosen = choose_guidance(trials)
+    chosen = choose_guidance(trials, distance_tolerance=config.guidance_search_tolerance)
     pipe.register_to_config(default_guidance_scale=chosen.scale)
     scores = (f"{t.scale:g}: accuracy {t.accuracy:.1%}, feature distance {t.feature_distance:.2f}" for t in trials)
     logger.info(

@@ -151,7 +151,7 @@ def test_one_dtype_map_and_one_ema_folder_naming():
     from dit_hf.ema import ema_folder_name, export_folder_name
     from dit_hf.precision import PRECISION_DTYPES
 
-    assert set(FIELDS["mixed_precision"].metadata["choices"]) <= set(PRECISION_DTYPES)
+    assert set(FIELDS["mixed_precision"].metadata["choices"]) - {"auto"} <= set(PRECISION_DTYPES)  # auto: resolved
     assert PRECISION_DTYPES["fp8"] is PRECISION_DTYPES["bf16"]  # FP8 runs the other layers in bf16
     assert sample_eval.PRECISIONS == {k: PRECISION_DTYPES[k] for k in ("fp32", "bf16", "fp16")}
     assert (ema_folder_name(0.99), export_folder_name(0.99)) == ("ema_0.99", "transformer_ema_0.99")

@@ -177,13 +177,15 @@ def test_guidance_search_stores_the_chosen_scale_as_the_pipeline_default(tmp_pat
     paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=30, num_test=10)
     tiny = ["--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--train_batch_size", "8"]
     tiny += ["--report_to", "none", "--max_train_steps", "2", "--num_inference_steps", "2"]
-    tiny += ["--guidance_search", "1", "3", "--guidance_search_samples", "10"]
+    tiny += ["--guidance_search", "1", "3", "--guidance_search_samples", "10", "--guidance_search_tolerance", "0.5"]
     seen = []
     # Whatever the two-step model scores, the trial the rule returns is what the pipeline keeps.
-    monkeypatch.setattr(guidance_search, "choose_guidance", lambda trials: seen.append(trials) or trials[-1])
+    choose = lambda trials, **options: seen.append((trials, options)) or trials[-1]  # noqa: E731
+    monkeypatch.setattr(guidance_search, "choose_guidance", choose)
     out = tmp_path / "out"
     train_dit.main(train_dit.parse_args(["--train_data_dir", paths["train"], "--output_dir", str(out), *tiny]))
-    (trials,) = seen
+    ((trials, options),) = seen
+    assert options == {"distance_tolerance": 0.5}
     assert [t.scale for t in trials] == [1.0, 3.0]
     assert all(0 <= t.accuracy <= 1 and t.feature_distance >= 0 for t in trials)
     assert DiTPipeline.from_pretrained(out).config.default_guidance_scale == 3.0
@@ -198,6 +200,9 @@ def test_guidance_search_stores_the_chosen_scale_as_the_pipeline_default(tmp_pat
     ]
     with pytest.raises(ValueError, match="guidance_scale"):
         train_dit.parse_args([*base, "--guidance_search", "4", "nan"])
+    for bad in ("-0.1", "nan"):
+        with pytest.raises(ValueError, match="--guidance_search_tolerance must be >= 0"):
+            train_dit.parse_args([*base, "--guidance_search_tolerance", bad])
 
 
 def test_paper_recipe_on_a_cpu_is_refused_when_picked_automatically(tmp_path, monkeypatch):
@@ -285,6 +290,50 @@ def test_saved_pipeline_samples_with_the_settings_the_run_validated_with(tmp_pat
         output_type="np",
     ).images
     assert np.array_equal(default, explicit) and not np.allclose(default, other)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it(tmp_path, monkeypatch):
+    from dit_hf import precision
+    from dit_hf.config import requested_precision
+
+    if os.path.exists("/proc/cpuinfo"):  # the CPU check agrees with what the kernel reports
+        flags = set(open("/proc/cpuinfo").read().split())
+        assert precision.native_bf16("cpu") == bool(flags & {"avx512_bf16", "amx_tile"})
+    assert precision.native_bf16("mps") is False
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type: device_type == "cuda")
+    assert precision.auto_precision(None, "cuda") == "bf16"
+    assert precision.auto_precision("no", "cpu") == "no"
+    assert precision.auto_precision("fp16", "cpu") == "fp16"  # what the accelerate config names wins
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=20, num_test=10)
+    base = ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "out")]
+    args = train_dit.parse_args(base)
+    assert args.mixed_precision == "auto"  # the small recipe's
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` exports by default
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device_type, native=native: native)
+        assert requested_precision(args) == expected
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    assert requested_precision(args) == "fp8"
+    assert requested_precision(train_dit.parse_args([*base, "--mixed_precision", "no"])) == "no"
+
+
+def test_runs_of_another_precision_follow_each_other_in_one_process(tmp_path, monkeypatch):
+    """A notebook (or a test session) may train twice with different precisions: the second run gets its own."""
+    from dit_hf import precision
+    from dit_hf.trainer import saved_training_config
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type: True)
+    paths = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, num_train=20, num_test=10)
+    tiny = ["--hidden_size", "32", "--depth", "2", "--num_heads", "2", "--train_batch_size", "8", "--report_to"]
+    tiny += ["none", "--max_train_steps", "2", "--num_inference_steps", "2", "--repa_encoder", "none"]
+    for i, (flag, expected) in enumerate((("no", "no"), ("auto", "bf16"), ("no", "no"))):
+        out = tmp_path / f"run{i}"
+        args = train_dit.parse_args(["--train_data_dir", paths["train"], "--output_dir", str(out), *tiny,
+                                     "--mixed_precision", flag])  # fmt: skip
+        train_dit.main(args)
+        (checkpoint,) = glob.glob(str(out / "checkpoints" / "checkpoint-*"))
+        assert saved_training_config(checkpoint)["mixed_precision"] == expected
 
 
 def test_cpu_threads_raise_only_accelerates_default_of_one(monkeypatch):

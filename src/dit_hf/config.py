@@ -202,9 +202,11 @@ class TrainConfig:
     mixed_precision: str | None = flag(
         None,
         "fp8: FP8 matmuls in the blocks' token-wise layers (torchao, GPUs of compute capability 8.9+), bf16 "
-        "elsewhere. Default: accelerate's config.",
+        "elsewhere. auto (the small recipe's): accelerate's config when it names a precision, else bf16 where the "
+        "device computes it natively (bf16 GPUs; CPUs with AVX512-BF16 or AMX), else no. "
+        "Default: accelerate's config.",
         OPTIM,
-        choices=("no", "fp16", "bf16", "fp8"),
+        choices=("no", "fp16", "bf16", "fp8", "auto"),
     )
     allow_tf32: bool = flag(False, None, OPTIM)
     cpu_threads: int | None = flag(
@@ -261,6 +263,11 @@ class TrainConfig:
         metavar="SCALE",
     )
     guidance_search_samples: int = flag(200, "Class-balanced samples per scale of --guidance_search.")
+    guidance_search_tolerance: float = flag(
+        0.25,
+        "--guidance_search keeps the scales whose classifier-feature distance to the training images is at most "
+        "(1 + this) times the lowest, and of those the most accurate.",
+    )
     eval_steps: int | None = flag(None, "FID of EMA samples every K steps (off).")
     eval_samples: int = flag(256, "Samples per evaluation.")
     eval_reference: str | None = flag(
@@ -499,8 +506,14 @@ def resolve_config(argv: list[str] | None = None, description: str | None = None
 
 
 def requested_precision(config: TrainConfig) -> str:
-    """--mixed_precision, else what `accelerate launch` passes on from its config, else "no"."""
-    return config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    """--mixed_precision, else what `accelerate launch` passes on from its config, else "no"; "auto" resolved for
+    this machine (dit_hf.precision.auto_precision)."""
+    launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if config.mixed_precision == "auto":
+        from .precision import auto_precision
+
+        return auto_precision(launcher_choice)
+    return config.mixed_precision or launcher_choice
 
 
 def _check_positive(config: TrainConfig, names: tuple[str, ...]) -> None:
@@ -545,6 +558,11 @@ def validate(config: TrainConfig) -> None:
     for scale in config.guidance_search or ():
         check_guidance_scale(scale)
     _check_positive(config, ("guidance_search_samples",))
+    if not config.guidance_search_tolerance >= 0:  # also NaN
+        raise ValueError(
+            f"--guidance_search_tolerance must be >= 0 (0.25: within 25% of the closest scale's distance), "
+            f"got {config.guidance_search_tolerance}."
+        )
     if config.guidance_interval is not None and not (
         len(config.guidance_interval) == 2 and 0 <= config.guidance_interval[0] <= config.guidance_interval[1] <= 1
     ):
