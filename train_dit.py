@@ -146,6 +146,17 @@ def load_vae(config: TrainConfig, dtype):
     return load_autoencoder(config.vae, config.vae_subfolder, config.cache_dir, dtype)
 
 
+def log_auto_precision(precision: str, device: str) -> None:
+    launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher_choice != "no":
+        why = f"{precision}, the accelerate config's"
+    elif precision == "bf16":
+        why = f"bf16, which the {device} computes natively"
+    else:
+        why = f"float32: the {device} has no native bf16"
+    logger.info("--mixed_precision auto: %s.", why)
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     precision = requested_precision(config)
     fp8 = precision == "fp8"
@@ -165,6 +176,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
     enable_fsdp_on_cpu(accelerator)  # accelerate runs an FSDP config on CPU processes as plain DDP otherwise
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if config.mixed_precision == "auto":
+        log_auto_precision(precision, accelerator.device.type)
     if fp8:
         check_fp8_available(accelerator.device)
         if accelerator.device.type == "cpu":

@@ -336,3 +336,33 @@ def test_bench_scale_reads_memory_and_fits_growth(tmp_path):
 
     ds = load_image_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 1500 and ds[1234]["label"] == 234 and ds[3]["image"].size == (8, 8)
+
+
+def test_small_data_levels_from_pure_noise_is_the_pipelines_default_call():
+    """The noise-level diagnostic integrates like the saved pipeline: from level 1 it reproduces `pipe(labels)` (same
+    noise, steps, guidance scale and interval), and from a lower level it runs only the scheduler's steps below it."""
+    from conftest import tiny_dit
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from small_data_levels import denoise_from
+
+    from dit_hf import DiTPipeline
+
+    pipe = DiTPipeline(tiny_dit(learn_sigma=False), FlowMatchEulerDiscreteScheduler(), objective="flow_x")
+    pipe.register_to_config(
+        default_num_inference_steps=4, default_guidance_scale=3.0, default_guidance_interval=[0.2, 0.8]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    expected = pipe(labels.tolist(), latents=noise, output_type="pt").images
+    ours = (denoise_from(pipe, noise, labels, 1.0) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda module, args, out: calls.append(float(args[1][0])))
+    try:
+        denoise_from(pipe, noise, labels, 0.5)
+    finally:
+        handle.remove()
+    # The scheduler's levels at 4 steps are 1, 0.667, 0.334 and 0.001: from 0.5 the steps start at 0.5 and 0.334
+    # (guided, in the interval: two calls each), then 0.001 (unguided).
+    assert [round(t) for t in calls] == [500, 500, 334, 334, 1]

@@ -292,7 +292,7 @@ def test_saved_pipeline_samples_with_the_settings_the_run_validated_with(tmp_pat
     assert np.array_equal(default, explicit) and not np.allclose(default, other)
 
 
-def test_auto_precision_is_bf16_only_where_the_device_computes_it(tmp_path, monkeypatch):
+def test_auto_precision_is_bf16_only_where_the_device_computes_it(tmp_path, monkeypatch, caplog):
     from dit_hf import precision
     from dit_hf.config import requested_precision
 
@@ -315,6 +315,16 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it(tmp_path, monk
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     assert requested_precision(args) == "fp8"
     assert requested_precision(train_dit.parse_args([*base, "--mixed_precision", "no"])) == "no"
+    # The trainer says what auto chose, and why.
+    PartialState()
+    caplog.set_level(logging.INFO, logger="train_dit")
+    for precision_, launcher, expected in (("bf16", "no", "bf16, which the cpu computes natively"),
+                                           ("no", "no", "float32: the cpu has no native bf16"),
+                                           ("fp8", "fp8", "fp8, the accelerate config's")):  # fmt: skip
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+        caplog.clear()
+        train_dit.log_auto_precision(precision_, "cpu")
+        assert f"--mixed_precision auto: {expected}." in caplog.text
 
 
 def test_runs_of_another_precision_follow_each_other_in_one_process(tmp_path, monkeypatch):
