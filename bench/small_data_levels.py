@@ -10,7 +10,7 @@ both against the class asked for:
 - next class: how much the class label still decides the shape from that level on. Near 0 at low s (the shape is
   already fixed by the image), at s = 1 the model's plain accuracy from noise.
 
-    python bench/small_data_levels.py outputs/small-data/rgb32-recipe --data outputs/glyphs/rgb32
+    python bench/small_data_levels.py outputs/small-data/rgb32-recipe --data outputs/glyphs/rgb32 --plot levels.png
 """
 
 import argparse
@@ -54,12 +54,36 @@ def denoise_from(pipe: DiTPipeline, x: torch.Tensor, labels: torch.Tensor, level
     return x
 
 
+def plot_levels(runs: dict[str, list[dict]], path: str) -> None:
+    """Accuracy towards the own and the next class against the start level, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for (name, rows), colour in zip(runs.items(), ("tab:green", "tab:blue", "tab:orange", "tab:red")):
+        levels = [row["level"] for row in rows]
+        ax.plot(levels, [row["own"] for row in rows], "o-", color=colour, label=f"{name}: own class")
+        ax.plot(levels, [row["next"] for row in rows], "o--", color=colour, label=f"{name}: next class")
+    ax.set_xlabel("start level s (1 = pure noise)")
+    ax.set_ylabel("judge accuracy towards the class asked for")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("real images noised to s, then denoised")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
     parser.add_argument("--data", required=True, help="the folder with train/, test/ and judge.pt")
     parser.add_argument("--num", type=int, default=200, help="held-out images per level")
     parser.add_argument("--levels", type=float, nargs="+", default=LEVELS)
+    parser.add_argument("--plot", help="also draw the two curves into this PNG")
     args = parser.parse_args(argv)
     data = prepare(args.data, resolution=0, channels=0)  # an existing data set: nothing is written
     pipe = DiTPipeline.from_pretrained(args.run)
@@ -83,6 +107,8 @@ def main(argv=None):
             row[name] = data["judge"].accuracy(pixels, labels.tolist())
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.plot:
+        plot_levels({os.path.basename(os.path.normpath(args.run)): rows}, args.plot)
     return rows
 
 
