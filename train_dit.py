@@ -43,7 +43,7 @@ from diffusers.optimization import get_scheduler
 
 from dit_hf import DiTModel
 from dit_hf.autoencoders import cached_channel_statistics, latent_shape, load_autoencoder, make_latent_norm
-from dit_hf.config import TrainConfig, requested_precision, resolve_config
+from dit_hf.config import TrainConfig, launcher_precision, requested_precision, resolve_config
 from dit_hf.data import (
     CachedImages,
     ImageLabelDataset,
@@ -147,8 +147,7 @@ def load_vae(config: TrainConfig, dtype):
 
 
 def log_auto_precision(precision: str, device: str) -> None:
-    launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if launcher_choice != "no":
+    if launcher_precision() != "no":
         why = f"{precision}, the accelerate config's"
     elif precision == "bf16":
         why = f"bf16, which the {device} computes natively"

@@ -505,10 +505,15 @@ def resolve_config(argv: list[str] | None = None, description: str | None = None
     return config
 
 
+def launcher_precision() -> str:
+    """The precision `accelerate launch` passes on from its config ("no" when it names none, or without a launcher)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def requested_precision(config: TrainConfig) -> str:
     """--mixed_precision, else what `accelerate launch` passes on from its config, else "no"; "auto" resolved for
     this machine (dit_hf.precision.auto_precision)."""
-    launcher_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    launcher_choice = launcher_precision()
     if config.mixed_precision == "auto":
         from .precision import auto_precision
 
