@@ -85,6 +85,8 @@ def main(argv=None):
     parser.add_argument("--levels", type=float, nargs="+", default=LEVELS)
     parser.add_argument("--plot", help="also draw the two curves into this PNG")
     args = parser.parse_args(argv)
+    if not os.path.isdir(os.path.join(args.data, "test")):
+        raise SystemExit(f"--data {args.data} has no test/ folder: point it at a data set `bench/small_data.py` made.")
     data = prepare(args.data, resolution=0, channels=0)  # an existing data set: nothing is written
     pipe = DiTPipeline.from_pretrained(args.run)
     if pipe.config.objective != "flow_x":
@@ -92,6 +94,10 @@ def main(argv=None):
     images, classes = data["test"]
     wanted = balanced_labels(pipe.num_classes, args.num)
     by_class = {c: list(np.flatnonzero(classes == c)) for c in range(pipe.num_classes)}
+    fewest = min(len(found) for found in by_class.values())
+    if args.num > fewest * pipe.num_classes:
+        raise SystemExit(f"--num {args.num}: the held-out split has {fewest} images of its rarest class; "
+                         f"pass at most {fewest * pipe.num_classes}.")  # fmt: skip
     index = [by_class[c].pop(0) for c in wanted]
     x0 = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float() / 127.5 - 1
     own = torch.tensor(wanted)

@@ -1,7 +1,8 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
 """float32 against bf16 autocast for the small recipe's training step on this machine (`--mixed_precision auto`).
 
-The small recipe's model (width 128, 4 blocks, 4 heads, patch 4) at batch 64 on 28×28×1 and 32×32×3 inputs: forward,
+The small recipe's model and batch (read from the recipe; width 128, 4 blocks, 4 heads, patch 4, batch 64 as
+measured) on 28×28×1 and 32×32×3 inputs: forward,
 an MSE on the output, backward and AdamW. Both precisions run in one process, in blocks of 10 steps that alternate
 (fp32 first, then bf16 first), so that a machine whose speed drifts during the run shifts both alike; separate
 processes on the same machine were seen to differ by a quarter. Prints and writes the median step time of each.
@@ -23,15 +24,20 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))  # an uninstalled checkout
 from dit_hf import DiTModel  # noqa: E402
 from dit_hf.precision import native_bf16  # noqa: E402
+from dit_hf.recipes import load_recipe, small_patch_size  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "small-data-precision.json")
 SHAPES = {"gray28": (28, 1), "rgb32": (32, 3)}
 
 
-def step_timer(resolution: int, channels: int, batch_size: int = 64):
+def step_timer(resolution: int, channels: int):
+    """One timed step function of the small recipe's model and batch at this image size."""
+    recipe = load_recipe("small")
     torch.manual_seed(0)
-    model = DiTModel(sample_size=resolution, patch_size=4, in_channels=channels, hidden_size=128, depth=4,
-                     num_heads=4, num_classes=10, learn_sigma=False)  # fmt: skip
+    model = DiTModel(sample_size=resolution, patch_size=small_patch_size(resolution), in_channels=channels,
+                     hidden_size=recipe["hidden_size"], depth=recipe["depth"], num_heads=recipe["num_heads"],
+                     num_classes=10, learn_sigma=False)  # fmt: skip
+    batch_size = recipe["train_batch_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, channels, resolution, resolution)
     t, y = torch.rand(batch_size) * 1000, torch.randint(0, 10, (batch_size,))

@@ -300,6 +300,15 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it(tmp_path, monk
         flags = set(open("/proc/cpuinfo").read().split())
         assert precision.native_bf16("cpu") == bool(flags & {"avx512_bf16", "amx_tile"})
     assert precision.native_bf16("mps") is False
+    # The device is accelerate's once its state exists; before, a visible GPU unless the launch asked for the CPU.
+    assert precision.training_device_type() == PartialState(cpu=True).device.type == "cpu"
+    monkeypatch.setattr(PartialState, "_shared_state", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert precision.training_device_type() == "cpu"
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert precision.training_device_type() == "cuda"
+    monkeypatch.undo()
     monkeypatch.setattr(precision, "native_bf16", lambda device_type: device_type == "cuda")
     assert precision.auto_precision(None, "cuda") == "bf16"
     assert precision.auto_precision("no", "cpu") == "no"

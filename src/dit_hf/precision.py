@@ -6,8 +6,6 @@ run in bf16) plus "fp32", which the sampler and the benchmarks take. The trainer
 recipe's): bf16 where the device computes it in hardware, else float32 ([`auto_precision`]).
 """
 
-import os
-
 import torch
 
 PRECISION_DTYPES = {
@@ -28,7 +26,7 @@ def precision_dtypes(names=SAMPLING_PRECISIONS) -> dict[str, torch.dtype]:
 
 def native_bf16(device_type: str) -> bool:
     """Whether a device of this type computes bfloat16 matmuls in hardware: a CUDA GPU with bf16 (Ampere or newer), a
-    CPU with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated, slower than float32 (a CPU without them)."""
+    CPU with AVX512-BF16 or AMX. Elsewhere bf16 is converted in software (not measured here; expect no gain)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
@@ -38,9 +36,15 @@ def native_bf16(device_type: str) -> bool:
 
 
 def training_device_type() -> str:
-    """The device type accelerate will train on: CUDA when a GPU is visible and the launch did not ask for the CPU."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-    return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+    """The device type the run trains on: accelerate's own choice once its state exists (the trainer creates it
+    before the Accelerator; it may be "mps" or "xpu" too), else CUDA when a GPU is visible and the launch did not ask
+    for the CPU (`ACCELERATE_USE_CPU`)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    if PartialState._shared_state:
+        return PartialState().device.type
+    return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
 
 
 def auto_precision(launcher_choice: str | None = None, device_type: str | None = None) -> str:
