@@ -1,8 +1,8 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
 """float32 against bf16 autocast for the small recipe's training step on this machine (`--mixed_precision auto`).
 
-The small recipe's model and batch (read from the recipe; width 128, 4 blocks, 4 heads, patch 4, batch 64 as
-measured) on 28×28×1 and 32×32×3 inputs: forward,
+The small recipe's model and batch (read from the recipe; width 128, 4 blocks, 4 heads, patch 4, batch 64 and
+the recipe's block design) on 28×28×1 and 32×32×3 inputs: forward,
 an MSE on the output, backward and AdamW. Both precisions run in one process, in blocks of 10 steps that alternate
 (fp32 first, then bf16 first), so that a machine whose speed drifts during the run shifts both alike; separate
 processes on the same machine were seen to differ by a quarter. Prints and writes the median step time of each.
@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))  # an uninstalled checkout
 from dit_hf import DiTModel  # noqa: E402
+from dit_hf.modeling_dit import BLOCK_OPTION_KEYS  # noqa: E402
 from dit_hf.precision import native_bf16  # noqa: E402
 from dit_hf.recipes import load_recipe, small_patch_size  # noqa: E402
 
@@ -34,9 +35,10 @@ def step_timer(resolution: int, channels: int):
     """One timed step function of the small recipe's model and batch at this image size."""
     recipe = load_recipe("small")
     torch.manual_seed(0)
+    blocks = {k: recipe[k] for k in BLOCK_OPTION_KEYS if k in recipe}  # the recipe's block design
     model = DiTModel(sample_size=resolution, patch_size=small_patch_size(resolution), in_channels=channels,
                      hidden_size=recipe["hidden_size"], depth=recipe["depth"], num_heads=recipe["num_heads"],
-                     num_classes=10, learn_sigma=False)  # fmt: skip
+                     num_classes=10, learn_sigma=False, **blocks)  # fmt: skip
     batch_size = recipe["train_batch_size"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, channels, resolution, resolution)

@@ -15,6 +15,7 @@ from dit_hf import DiTPipeline
 from dit_hf.ema import EMAModels
 from dit_hf.evaluation import ImageClassifier
 from dit_hf.glyphs import DEFAULT_CLASSES, font_paths, make_glyphs_dataset, render_glyphs
+from dit_hf.modeling_dit import RMSNorm
 from dit_hf.recipes import choose_recipe, estimate_hours, small_patch_size, token_warning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,8 +106,19 @@ def test_small_data_recipe_is_picked_for_a_folder_of_small_images(tmp_path):
     assert (args.recipe, args.resolution, args.image_channels, args.patch_size) == ("small", 16, 1, 2)
     assert (args.objective, args.learn_sigma, args.ema_warmup, args.random_flip) == ("flow_x", False, True, False)
     assert (args.sample_scheduler, args.guidance_scale, args.guidance_interval) == ("euler", 4.0, [0.2, 0.8])
-    assert (args.repa_encoder, args.repa_projector_dim, args.repa_coeff) == ("auto", 256, 2.0)
+    assert (args.repa_encoder, args.repa_projector_dim, args.repa_coeff) == ("auto", 256, 4.0)
     assert args.guidance_search == [4.0, 6.0, 8.0, 12.0]
+    # LightningDiT's block with q/k norm, built as such: RMSNorm, a SwiGLU MLP and rotary angles in every block.
+    model = train_dit.build_model(args, num_classes=10, in_channels=1, sample_size=16)
+    assert (model.config.norm_type, model.config.mlp_type, model.config.pos_embed_type) == ("rms", "swiglu", "rope2d")
+    assert model.config.qk_norm and model.rotary_embedding(8, 8, torch.device("cpu")) is not None
+    block = model.blocks[0]
+    assert isinstance(block.norm1, RMSNorm) and isinstance(block.attn.q_norm, RMSNorm) and hasattr(block.mlp, "w12")
+    # A flag still gives the plain DiT block back.
+    plain = train_dit.parse_args(
+        ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "p"), "--norm_type", "layer"]
+    )
+    assert (plain.norm_type, plain.mlp_type) == ("layer", "swiglu")
     # An explicit flag wins over the recipe, and a sampler that cannot sample the objective is refused.
     args = train_dit.parse_args(
         ["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), "--objective", "ddpm_eps"]

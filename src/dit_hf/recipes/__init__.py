@@ -5,8 +5,8 @@
 - `small`: a data set of small images (64 px or less) in pixel space, as most users first bring (characters,
   icons, handwriting, 28-32 px photos). Chosen by measurement on the offline glyphs data set (bench/NOTES.md,
   "small real data"): flow matching with x_0 prediction and logit-normal noise levels, a narrow DiT sized for a
-  CPU, EMA with warm-up, guidance at mid noise levels only, and for labelled data REPA towards a small CNN
-  fitted on the training images first.
+  CPU with LightningDiT's block, EMA with warm-up, guidance at mid noise levels only, and for labelled data REPA
+  towards a small CNN fitted on the training images first.
 - `paper`: the DiT paper's ImageNet recipe (DiT-XL/2 on VAE latents at 256 px, lr 1e-4, EMA 0.9999, flips).
 
 `--recipe auto` (the default) picks `digits` without data, `paper` with `--vae`, and `small` for pixel-space data
