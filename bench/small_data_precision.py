@@ -1,8 +1,8 @@
 # Copyright the dit-hf authors. Licensed under the Apache License, Version 2.0.
 """float32 against bf16 autocast for the small recipe's training step on this machine (`--mixed_precision auto`).
 
-The small recipe's model and batch (read from the recipe; width 128, 4 blocks, 4 heads, patch 4, batch 64 and
-the recipe's block design) on 28×28×1 and 32×32×3 inputs: forward,
+The small recipe's model and batch (built by the trainer from the recipe: width 128, 4 blocks, 4 heads, patch 4,
+batch 64 and its block design, when measured) on 28×28×1 and 32×32×3 inputs: forward,
 an MSE on the output, backward and AdamW. Both precisions run in one process, in blocks of 10 steps that alternate
 (fp32 first, then bf16 first), so that a machine whose speed drifts during the run shifts both alike; separate
 processes on the same machine were seen to differ by a quarter. Prints and writes the median step time of each.
@@ -17,15 +17,16 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))  # an uninstalled checkout
-from dit_hf import DiTModel  # noqa: E402
-from dit_hf.modeling_dit import BLOCK_OPTION_KEYS  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "src"))  # an uninstalled checkout
+sys.path.insert(0, ROOT)
+import train_dit  # noqa: E402
 from dit_hf.precision import native_bf16  # noqa: E402
-from dit_hf.recipes import load_recipe, small_patch_size  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "small-data-precision.json")
 SHAPES = {"gray28": (28, 1), "rgb32": (32, 3)}
@@ -33,13 +34,13 @@ SHAPES = {"gray28": (28, 1), "rgb32": (32, 3)}
 
 def step_timer(resolution: int, channels: int):
     """One timed step function of the small recipe's model and batch at this image size."""
-    recipe = load_recipe("small")
+    # The trainer's own config resolution and model builder: the recipe's sizes, patch and block design.
+    with tempfile.TemporaryDirectory() as out:  # resolving a config checks that its output folder is writable
+        config = train_dit.parse_args(["--recipe", "small", "--resolution", str(resolution), "--image_channels",
+                                       str(channels), "--output_dir", out])  # fmt: skip
     torch.manual_seed(0)
-    blocks = {k: recipe[k] for k in BLOCK_OPTION_KEYS if k in recipe}  # the recipe's block design
-    model = DiTModel(sample_size=resolution, patch_size=small_patch_size(resolution), in_channels=channels,
-                     hidden_size=recipe["hidden_size"], depth=recipe["depth"], num_heads=recipe["num_heads"],
-                     num_classes=10, learn_sigma=False, **blocks)  # fmt: skip
-    batch_size = recipe["train_batch_size"]
+    model = train_dit.build_model(config, num_classes=10, in_channels=channels, sample_size=resolution)
+    batch_size = config.train_batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, channels, resolution, resolution)
     t, y = torch.rand(batch_size) * 1000, torch.randint(0, 10, (batch_size,))
