@@ -32,12 +32,13 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "s
 SHAPES = {"gray28": (28, 1), "rgb32": (32, 3)}
 
 
-def step_timer(resolution: int, channels: int):
-    """One timed step function of the small recipe's model and batch at this image size."""
+def step_timer(resolution: int, channels: int, flags: tuple[str, ...] = ()):
+    """One timed step function of the small recipe's model and batch at this image size (with `flags`, trainer flags
+    that change them, e.g. `("--mlp_ratio", "8")`)."""
     # The trainer's own config resolution and model builder: the recipe's sizes, patch and block design.
     with tempfile.TemporaryDirectory() as out:  # resolving a config checks that its output folder is writable
         config = train_dit.parse_args(["--recipe", "small", "--resolution", str(resolution), "--image_channels",
-                                       str(channels), "--output_dir", out])  # fmt: skip
+                                       str(channels), "--output_dir", out, *flags])  # fmt: skip
     torch.manual_seed(0)
     model = train_dit.build_model(config, num_classes=10, in_channels=channels, sample_size=resolution)
     batch_size = config.train_batch_size

@@ -106,10 +106,12 @@ def test_small_data_recipe_is_picked_for_a_folder_of_small_images(tmp_path):
     assert (args.recipe, args.resolution, args.image_channels, args.patch_size) == ("small", 16, 1, 2)
     assert (args.objective, args.learn_sigma, args.ema_warmup, args.random_flip) == ("flow_x", False, True, False)
     assert (args.sample_scheduler, args.guidance_scale, args.guidance_interval) == ("euler", 4.0, [0.2, 0.8])
-    assert (args.repa_encoder, args.repa_projector_dim, args.repa_coeff) == ("auto", 256, 4.0)
+    assert (args.repa_encoder, args.repa_projector_dim, args.repa_coeff, args.repa_depth) == ("auto", 256, 4.0, 2)
     assert args.guidance_search == [4.0, 6.0, 8.0, 12.0]
+    assert args.max_train_steps == 4000  # grayscale
     # LightningDiT's block with q/k norm, built as such: RMSNorm, a SwiGLU MLP and rotary angles in every block.
     model = train_dit.build_model(args, num_classes=10, in_channels=1, sample_size=16)
+    assert model.blocks[0].mlp.w3.in_features == 512  # mlp_ratio 6: int(2 / 3 * 768)
     assert (model.config.norm_type, model.config.mlp_type, model.config.pos_embed_type) == ("rms", "swiglu", "rope2d")
     assert model.config.qk_norm and model.rotary_embedding(8, 8, torch.device("cpu")) is not None
     block = model.blocks[0]
@@ -417,3 +419,21 @@ def test_guidance_interval_flag_and_yaml_values_are_checked(tmp_path):
     config.write_text("guidance_interval: [low, 1]\n")
     with pytest.raises(ValueError, match="guidance_interval must be a list of numbers"):
         train_dit.parse_args(["--config", str(config)])
+
+
+def test_small_recipe_length_follows_the_channels_and_gives_way_to_the_user(tmp_path):
+    gray = make_glyphs_dataset(str(tmp_path / "g"), resolution=16, channels=1, num_train=20, num_test=10)
+    colour = make_glyphs_dataset(str(tmp_path / "c"), resolution=16, channels=3, num_train=20, num_test=10)
+
+    def parse(paths, *flags):
+        return train_dit.parse_args(["--train_data_dir", paths["train"], "--output_dir", str(tmp_path / "o"), *flags])
+
+    assert (parse(gray).max_train_steps, parse(colour).max_train_steps) == (4000, 6000)
+    assert parse(colour, "--max_train_steps", "300").max_train_steps == 300
+    by_epochs = parse(colour, "--num_train_epochs", "3")  # epochs given: the trainer counts the steps from them
+    assert (by_epochs.max_train_steps, by_epochs.num_train_epochs) == (None, 3)
+    # The recipe's REPA block is for its own 4-block model; another depth takes REPA's depth // 3.
+    assert parse(colour).repa_depth == 2 and parse(colour, "--depth", "9").repa_depth == 3
+    assert parse(colour, "--depth", "9", "--repa_depth", "7").repa_depth == 7
+    with pytest.raises(ValueError, match="--repa_depth 7 is not a block of this 4-block model: choose 1 to 4"):
+        parse(colour, "--repa_depth", "7")

@@ -32,7 +32,15 @@ from .guards import EXIT_NONFINITE, EXIT_PREEMPTED, ON_NONFINITE, parse_signals
 from .init_from import UNMAPPED_CHOICES, check_init_config
 from .modeling_dit import DIT_PRESETS, RECIPE_PRESETS
 from .ownership import check_output_dir_use
-from .recipes import NAMED_RECIPES, RECIPES, choose_recipe, load_recipe, read_recipe_file, small_patch_size
+from .recipes import (
+    NAMED_RECIPES,
+    RECIPES,
+    choose_recipe,
+    load_recipe,
+    read_recipe_file,
+    small_patch_size,
+    small_train_steps,
+)
 from .scheduling_dit import (
     DDPM_FAMILIES,
     FLOW_FAMILIES,
@@ -264,7 +272,7 @@ class TrainConfig:
     )
     guidance_search_samples: int = flag(200, "Class-balanced samples per scale of --guidance_search.")
     guidance_search_tolerance: float = flag(
-        0.25,
+        1.0,
         "--guidance_search keeps the scales whose classifier-feature distance to the training images is at most "
         "(1 + this) times the lowest, and of those the most accurate.",
     )
@@ -452,6 +460,8 @@ def _derive(values: dict, explicit: set[str], native: int | None, native_channel
             values["image_channels"] = native_channels or 3
         if values["patch_size"] is None and values["resolution"] is not None:
             values["patch_size"] = small_patch_size(values["resolution"])
+        if values["max_train_steps"] is None and values["num_train_epochs"] is None:
+            values["max_train_steps"] = small_train_steps(values["image_channels"])
     families = SAMPLER_FAMILIES[values["objective"]]
     if values["sample_scheduler"] not in families:
         if "sample_scheduler" in explicit:
@@ -468,10 +478,23 @@ def _derive(values: dict, explicit: set[str], native: int | None, native_channel
         values["guidance_search"] = None  # a scale the user chose is the one the pipeline keeps
     if values["repa_encoder"] in ("", "none"):  # turns the recipe's REPA off
         values["repa_encoder"] = None
-    if values["repa_encoder"] and values["repa_depth"] is None:
-        depth = values["depth"] or {**DIT_PRESETS, **RECIPE_PRESETS}[values["model"]]["depth"]
-        values["repa_depth"] = max(1, depth // 3)
+    if values["repa_encoder"]:
+        _derive_repa_depth(values, explicit)
     return values
+
+
+def _derive_repa_depth(values: dict, explicit: set[str]) -> None:
+    """The block REPA aligns: given, else the recipe's for the recipe's own depth, else `depth // 3` (REPA's
+    choice for deep models)."""
+    depth = values["depth"] or {**DIT_PRESETS, **RECIPE_PRESETS}[values["model"]]["depth"]
+    if "repa_depth" in explicit:
+        if not 1 <= values["repa_depth"] <= depth:
+            raise ValueError(
+                f"--repa_depth {values['repa_depth']} is not a block of this {depth}-block model: choose 1 to {depth}."
+            )
+        return
+    if values["repa_depth"] is None or "depth" in explicit or "model" in explicit:
+        values["repa_depth"] = max(1, depth // 3)  # a recipe's block was chosen for the recipe's depth
 
 
 def resolve_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
@@ -565,7 +588,7 @@ def validate(config: TrainConfig) -> None:
     _check_positive(config, ("guidance_search_samples",))
     if not config.guidance_search_tolerance >= 0:  # also NaN
         raise ValueError(
-            f"--guidance_search_tolerance must be >= 0 (0.25: within 25% of the closest scale's distance), "
+            f"--guidance_search_tolerance must be >= 0 (1.0: within twice the closest scale's distance), "
             f"got {config.guidance_search_tolerance}."
         )
     if config.guidance_interval is not None and not (
