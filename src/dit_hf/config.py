@@ -493,7 +493,7 @@ def _derive_repa_depth(values: dict, explicit: set[str]) -> None:
                 f"--repa_depth {values['repa_depth']} is not a block of this {depth}-block model: choose 1 to {depth}."
             )
         return
-    if values["repa_depth"] is None or "depth" in explicit or "model" in explicit:
+    if values["repa_depth"] is None or "depth" in explicit:
         values["repa_depth"] = max(1, depth // 3)  # a recipe's block was chosen for the recipe's depth
 
 
