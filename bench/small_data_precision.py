@@ -60,13 +60,18 @@ def step_timer(resolution: int, channels: int, flags: tuple[str, ...] = ()):
     return run
 
 
+def machine_record() -> dict:
+    """What a step time was measured on: CPU, threads, torch, and whether the CPU computes bf16 natively."""
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "native_bf16": native_bf16("cpu")}  # fmt: skip
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=6, help="alternating blocks of 10 steps per precision")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    results = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "native_bf16": native_bf16("cpu"), "shapes": {}}  # fmt: skip
+    results = {**machine_record(), "shapes": {}}
     for name, (resolution, channels) in SHAPES.items():
         run = step_timer(resolution, channels)
         run("fp32", 3), run("bf16", 3)  # warm-up

@@ -14,14 +14,11 @@ spent on more steps would give.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from small_data_precision import step_timer  # noqa: E402
+from small_data_precision import machine_record, step_timer  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "small-data-step-cost.json")
 VARIANTS = {
@@ -53,8 +50,7 @@ def main(argv=None):
         for name, run in timers.items():
             times[name].append(run("bf16", 8))
     base = statistics.median(times["recipe"])
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    results = {**machine, "torch": torch.__version__, "shape": "32x32x3", "precision": "bf16", "variants": {}}
+    results = {**machine_record(), "shape": "32x32x3", "precision": "bf16", "variants": {}}
     for name, flags in VARIANTS.items():
         ms = statistics.median(times[name])
         per_image = ms / batch_size(flags)

@@ -3,7 +3,8 @@
 
 How strong classifier-free guidance should be depends on the data: on white-on-black characters scale 4 gives 99%
 class accuracy and scale 8 costs a quarter more FID, while on characters of random colour over textured backgrounds
-scale 8-12 raises accuracy by a third at no FID cost (bench/NOTES.md). A fixed default is right for one of them.
+scale 6-12 raises accuracy by 3 to 12 points for at most a few percent more FID (bench/NOTES.md). A fixed default
+is right for one of them.
 
 `--guidance_search 4 6 8 12` samples the same class-balanced labels from the same noise at each scale and scores the
 samples with the small CNN the run fitted on its labelled images (`--repa_encoder classifier`, or `auto` where it
